@@ -1,0 +1,90 @@
+"""The one typed settings object: environment variables ``HASHLAKE_*`` over an optional TOML file.
+
+Precedence (highest first): keyword arguments, environment, the TOML file named by
+``HASHLAKE_CONFIG``, the defaults below. Secrets are ``SecretStr``: they print as ``**********``
+and are only ever read through ``.get_secret_value()`` where a client needs them.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HASHLAKE_", extra="forbid", frozen=True)
+
+    # --- object store (MinIO in production, moto_server locally) -------------------------------
+    s3_endpoint: str = Field("http://127.0.0.1:9000", description="S3 endpoint URL, scheme included")
+    s3_access_key: SecretStr = SecretStr("minioadmin")
+    s3_secret_key: SecretStr = SecretStr("minioadmin")
+    s3_region: str = "us-east-1"
+    images_bucket: str = Field("images", description="the bucket users upload to")
+    index_bucket: str = Field("hashlake", description="shards, failures, tombstones, models")
+
+    # --- broker and events ---------------------------------------------------------------------
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    events_key: str = Field("minio-events", description="Redis list a MinIO notify_redis target appends to")
+    webhook_token: SecretStr = Field(SecretStr("change-me"), description="bearer token MinIO's webhook sends")
+    webhook_host: str = "127.0.0.1"
+    webhook_port: int = 8080
+
+    # --- batching: a Celery task is sent at batch_size keys or batch_window_ms after the first --
+    batch_size: int = Field(32, ge=1, le=4096)
+    batch_window_ms: int = Field(500, ge=1)
+    reconcile_interval_s: float = Field(30.0, gt=0)
+
+    # --- encoding ------------------------------------------------------------------------------
+    model_version: str | None = Field(None, description="pin a model version; None follows the active pointer")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker; None = torch default")
+    download_concurrency: int = Field(8, ge=1, le=256)
+    max_image_pixels: int = Field(40_000_000, ge=1, description="larger images are refused as decompression bombs")
+    max_object_bytes: int = Field(50 * 1024 * 1024, ge=1, description="larger objects are refused unread")
+
+    # --- local stack -----------------------------------------------------------------------------
+    stack_dir: Path = Field(Path(".hashlake"), description="pids, logs, ports and data of `hashlake stack`")
+    metrics_port: int = Field(9108, description="first port of the Prometheus exporters")
+
+    @field_validator("s3_endpoint")
+    @classmethod
+    def _endpoint_has_scheme(cls, value: str) -> str:
+        parsed = urlparse(value)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"s3_endpoint must look like http://host:port, got {value!r}")
+        return value.rstrip("/")
+
+    @property
+    def s3_secure(self) -> bool:
+        return urlparse(self.s3_endpoint).scheme == "https"
+
+    @property
+    def s3_netloc(self) -> str:
+        return urlparse(self.s3_endpoint).netloc
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_path = os.environ.get("HASHLAKE_CONFIG")
+        if toml_path:
+            if not Path(toml_path).is_file():
+                raise FileNotFoundError(f"HASHLAKE_CONFIG points to {toml_path!r}, which is not a file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings, read once; tests build their own ``Settings(...)`` instead."""
+    return Settings()

@@ -1,0 +1,137 @@
+"""Start and stop the local back-end processes (redis-server, moto_server) on free ports.
+
+Used by ``hashlake stack`` and by the tests alike, so both exercise the same start-up code.
+Each service is a child process with its log in a file; ``stop()`` terminates it (SIGTERM, then
+SIGKILL after a grace period).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ServiceError(RuntimeError):
+    """A back-end process is missing, did not start, or did not become healthy in time."""
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1 (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str, proc: subprocess.Popen | None = None,
+               log: Path | None = None) -> None:
+    """Poll ``check`` every 50 ms; raise ``ServiceError`` naming ``what`` (with the log tail) on timeout
+    or when ``proc`` exits first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ServiceError(f"{what} exited with code {proc.returncode} before it was ready{_tail(log)}")
+        try:
+            if check():
+                return
+        except Exception:  # the service is still starting; any error means "not yet"
+            pass
+        time.sleep(0.05)
+    raise ServiceError(f"{what} was not ready after {timeout_s:.0f} s{_tail(log)}")
+
+
+def _tail(log: Path | None, lines: int = 20) -> str:
+    if log is None or not log.exists():
+        return ""
+    return "\n--- last lines of " + str(log) + " ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class Service:
+    name: str
+    proc: subprocess.Popen
+    port: int | None
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        if not self.alive():
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def spawn(name: str, argv: Sequence[str], log: Path, *, env: dict[str, str] | None = None,
+          port: int | None = None, cwd: Path | None = None) -> Service:
+    """Start ``argv`` in its own process group with stdout+stderr appended to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True)
+    return Service(name, proc, port, log)
+
+
+def find_executable(name: str, hint: str) -> str:
+    # Prefer the one beside this interpreter (the project's venv), then PATH.
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        raise ServiceError(f"{name} not found; {hint}")
+    return found
+
+
+def start_redis(port: int, workdir: Path) -> Service:
+    exe = find_executable("redis-server", "install it with `make setup` (apt-get install redis-server)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    # Append-only file with fsync every second: a restarted broker keeps queued tasks.
+    svc = spawn("redis", [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
+                          "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
+                workdir / "redis.log", port=port)
+    wait_until(lambda: _redis_ping(port), 20, f"redis-server on port {port}", svc.proc, svc.log)
+    return svc
+
+
+def _redis_ping(port: int) -> bool:
+    import redis
+
+    return bool(redis.Redis(port=port, socket_timeout=0.5).ping())
+
+
+def start_moto(port: int, workdir: Path) -> Service:
+    """moto_server: a real S3 HTTP endpoint that keeps its data in memory."""
+    exe = find_executable("moto_server", "install the project with `make setup` (moto[server])")
+    svc = spawn("s3", [exe, "-H", "127.0.0.1", "-p", str(port)], workdir / "s3.log", port=port,
+                env={"MOTO_ALLOW_NONEXISTENT_REGION": "true"})
+    wait_until(lambda: _http_ok(f"http://127.0.0.1:{port}/"), 30, f"moto_server on port {port}", svc.proc, svc.log)
+    return svc
+
+
+def _http_ok(url: str) -> bool:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=0.5) as resp:
+        return resp.status < 500

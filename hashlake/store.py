@@ -1,0 +1,181 @@
+"""Object store access through the ``minio`` SDK: the same code talks to MinIO and to moto_server.
+
+Errors are split in two kinds, because the pipeline treats them differently:
+``ObjectMissing`` (the object is gone: record a failure, move on) and ``StoreUnavailable``
+(the server did not answer: retry later with backoff, never record a failure).
+"""
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+
+import urllib3
+from minio import Minio
+from minio.commonconfig import CopySource
+from minio.error import S3Error
+
+from hashlake.config import Settings
+
+
+class StoreError(RuntimeError):
+    """Base of the object store errors below."""
+
+
+class ObjectMissing(StoreError):
+    """The object (or its bucket) does not exist: a permanent condition for this (key, etag)."""
+
+
+class StoreUnavailable(StoreError):
+    """The server could not be reached or answered 5xx: transient, retry with backoff."""
+
+
+_MISSING_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "NoSuchVersion"}
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    bucket: str
+    key: str
+    etag: str  # without quotes, as MinIO's events carry it
+    size: int
+    last_modified: datetime | None
+    metadata: dict[str, str]
+
+
+def _strip_etag(etag: str | None) -> str:
+    return (etag or "").strip('"')
+
+
+class ObjectStore:
+    """A thin, typed face over ``minio.Minio`` with the error split above."""
+
+    def __init__(self, settings: Settings, *, timeout_s: float = 10.0, retries: int = 2):
+        # Short timeouts and few urllib3 retries: the callers (Celery, the reconciler) own the
+        # longer backoff, so a dead server surfaces as StoreUnavailable within seconds.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s * 3),
+            maxsize=64,
+            retries=urllib3.Retry(total=retries, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
+        )
+        self.settings = settings
+        self.client = Minio(
+            settings.s3_netloc,
+            access_key=settings.s3_access_key.get_secret_value(),
+            secret_key=settings.s3_secret_key.get_secret_value(),
+            secure=settings.s3_secure,
+            region=settings.s3_region,
+            http_client=http,
+        )
+
+    # -- buckets --------------------------------------------------------------------------------
+    def ensure_bucket(self, bucket: str) -> None:
+        with self._errors(bucket, ""):
+            if not self.client.bucket_exists(bucket):
+                self.client.make_bucket(bucket)
+
+    # -- objects --------------------------------------------------------------------------------
+    def get(self, bucket: str, key: str, *, max_bytes: int | None = None) -> tuple[bytes, ObjectInfo]:
+        """Read a whole object; raise ``ObjectMissing`` / ``StoreUnavailable`` / ``ObjectTooLarge``."""
+        with self._errors(bucket, key):
+            resp = self.client.get_object(bucket, key)
+            try:
+                info = ObjectInfo(
+                    bucket=bucket,
+                    key=key,
+                    etag=_strip_etag(resp.headers.get("ETag")),
+                    size=int(resp.headers.get("Content-Length", 0)),
+                    last_modified=_parse_http_date(resp.headers.get("Last-Modified")),
+                    metadata=_user_metadata(resp.headers),
+                )
+                if max_bytes is not None and info.size > max_bytes:
+                    raise ObjectTooLarge(f"s3://{bucket}/{key} is {info.size} bytes, over the limit of {max_bytes}")
+                body = resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+        return body, info
+
+    def stat(self, bucket: str, key: str) -> ObjectInfo:
+        with self._errors(bucket, key):
+            st = self.client.stat_object(bucket, key)
+        return ObjectInfo(bucket, key, _strip_etag(st.etag), st.size or 0, st.last_modified, _user_metadata(st.metadata or {}))
+
+    def put(self, bucket: str, key: str, body: bytes, *, content_type: str = "application/octet-stream",
+            metadata: dict[str, str] | None = None) -> str:
+        """Write an object; return its etag. A single S3 PUT is all-or-nothing."""
+        with self._errors(bucket, key):
+            res = self.client.put_object(bucket, key, io.BytesIO(body), len(body),
+                                         content_type=content_type, metadata=metadata)
+        return _strip_etag(res.etag)
+
+    def put_whole(self, bucket: str, key: str, body: bytes, *, content_type: str = "application/octet-stream") -> str:
+        """Write under a temporary name, then copy to ``key``: readers listing the prefix never
+        see a partial object, and a crash leaves only a ``_tmp/`` object the reaper can delete."""
+        tmp = f"_tmp/{uuid.uuid4().hex}"
+        self.put(bucket, tmp, body, content_type=content_type)
+        with self._errors(bucket, key):
+            res = self.client.copy_object(bucket, key, CopySource(bucket, tmp))
+            self.client.remove_object(bucket, tmp)
+        return _strip_etag(res.etag)
+
+    def delete(self, bucket: str, key: str) -> None:
+        with self._errors(bucket, key):
+            self.client.remove_object(bucket, key)
+
+    def list(self, bucket: str, prefix: str = "") -> Iterator[ObjectInfo]:
+        """All objects under ``prefix`` (recursive), as ``ObjectInfo`` without user metadata."""
+        with self._errors(bucket, prefix):
+            for obj in self.client.list_objects(bucket, prefix=prefix, recursive=True):
+                if obj.is_dir:
+                    continue
+                yield ObjectInfo(bucket, obj.object_name, _strip_etag(obj.etag), obj.size or 0, obj.last_modified, {})
+
+    def exists(self, bucket: str, key: str) -> bool:
+        try:
+            self.stat(bucket, key)
+        except ObjectMissing:
+            return False
+        return True
+
+    # -- error mapping --------------------------------------------------------------------------
+    class _errors:
+        """Context manager mapping SDK and transport errors onto ObjectMissing / StoreUnavailable."""
+
+        def __init__(self, bucket: str, key: str):
+            self.where = f"s3://{bucket}/{key}"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, exc_type, exc, tb):
+            if exc is None or isinstance(exc, StoreError):
+                return False
+            if isinstance(exc, S3Error):
+                if exc.code in _MISSING_CODES:
+                    raise ObjectMissing(f"{self.where}: {exc.code}") from exc
+                if exc.code in ("SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"):
+                    raise StoreUnavailable(f"{self.where}: {exc.code}") from exc
+                return False
+            if isinstance(exc, (urllib3.exceptions.HTTPError, OSError)):
+                raise StoreUnavailable(f"{self.where}: object store unreachable ({exc.__class__.__name__}: {exc})") from exc
+            return False
+
+
+class ObjectTooLarge(StoreError):
+    """The object is larger than the configured limit; it is refused unread."""
+
+
+def _user_metadata(headers) -> dict[str, str]:
+    prefix = "x-amz-meta-"
+    return {k[len(prefix):].lower(): v for k, v in dict(headers).items() if k.lower().startswith(prefix)}
+
+
+def _parse_http_date(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    from email.utils import parsedate_to_datetime
+
+    return parsedate_to_datetime(value)

@@ -1,0 +1,83 @@
+"""Shared fixtures: real redis-server and moto_server processes on free ports, one per test session.
+
+Tests isolate themselves by bucket names and Redis databases/keys (``settings`` gives each test
+fresh buckets), not by mocking anything.
+"""
+from __future__ import annotations
+
+import io
+import uuid
+from pathlib import Path
+
+import pytest
+
+from hashlake.config import Settings
+from hashlake.services import free_port, start_moto, start_redis
+from hashlake.store import ObjectStore
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR10 = ROOT.parent / "shared" / "datasets" / "cifar10.parquet"
+
+
+@pytest.fixture(scope="session")
+def services_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("services")
+
+
+@pytest.fixture(scope="session")
+def redis_service(services_dir):
+    svc = start_redis(free_port(), services_dir / "redis")
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_service(services_dir):
+    svc = start_moto(free_port(), services_dir / "s3")
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture
+def settings(redis_service, s3_service, tmp_path) -> Settings:
+    """Settings pointing at the session's services, with buckets and a Redis db of this test's own."""
+    suffix = uuid.uuid4().hex[:8]
+    return Settings(
+        s3_endpoint=f"http://127.0.0.1:{s3_service.port}",
+        s3_access_key="testing",
+        s3_secret_key="testing",
+        images_bucket=f"images-{suffix}",
+        index_bucket=f"hashlake-{suffix}",
+        redis_url=f"redis://127.0.0.1:{redis_service.port}/0",
+        events_key=f"minio-events-{suffix}",
+        webhook_token="test-token",
+        stack_dir=tmp_path / "stack",
+    )
+
+
+@pytest.fixture
+def store(settings) -> ObjectStore:
+    s = ObjectStore(settings)
+    s.ensure_bucket(settings.images_bucket)
+    s.ensure_bucket(settings.index_bucket)
+    return s
+
+
+@pytest.fixture(scope="session")
+def cifar_jpegs() -> list[tuple[str, int, bytes]]:
+    """A few hundred real CIFAR-10 JPEGs as (path, label, bytes); skips when the dataset is absent."""
+    if not CIFAR10.exists():
+        pytest.skip(f"CIFAR-10 parquet not found at {CIFAR10} (it lives in ../shared/datasets)")
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(CIFAR10, columns=["path", "label", "jpeg"]).slice(0, 5000)
+    rows = table.to_pylist()[::25]  # 200 images over several classes
+    return [(r["path"], int(r["label"]), r["jpeg"]) for r in rows]
+
+
+def jpeg_bytes(color=(200, 30, 30), size=(48, 40)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="JPEG")
+    return buf.getvalue()

@@ -1,0 +1,31 @@
+"""The object store face: round trips, the missing/unavailable split, whole writes."""
+import pytest
+
+from hashlake.config import Settings
+from hashlake.store import ObjectMissing, ObjectStore, StoreUnavailable
+from hashlake.services import free_port
+
+
+def test_put_get_list_roundtrip(store, settings):
+    etag = store.put(settings.images_bucket, "a/b c.jpg", b"hello", metadata={"labels": "cat"})
+    body, info = store.get(settings.images_bucket, "a/b c.jpg")
+    assert body == b"hello" and info.etag == etag and info.size == 5
+    assert info.metadata["labels"] == "cat"
+    assert [o.key for o in store.list(settings.images_bucket)] == ["a/b c.jpg"]
+
+
+def test_missing_object_is_object_missing(store, settings):
+    with pytest.raises(ObjectMissing, match="nope.jpg"):
+        store.get(settings.images_bucket, "nope.jpg")
+
+
+def test_dead_server_is_unavailable(tmp_path):
+    dead = Settings(s3_endpoint=f"http://127.0.0.1:{free_port()}", stack_dir=tmp_path)
+    with pytest.raises(StoreUnavailable, match="unreachable"):
+        ObjectStore(dead, timeout_s=0.5, retries=0).get("images", "x.jpg")
+
+
+def test_put_whole_leaves_no_temporary(store, settings):
+    store.put_whole(settings.index_bucket, "codes/v1/abc.parquet", b"PAR1")
+    keys = [o.key for o in store.list(settings.index_bucket)]
+    assert keys == ["codes/v1/abc.parquet"]

@@ -1,0 +1,52 @@
+"""What travels through the broker: batches of object references, as plain JSON.
+
+Tasks take ids and references, never objects (JSON serializer only). The intake builds these,
+the encode and tombstone tasks consume them.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+from hashlake.shards import batch_id_for
+
+# Task names are part of the wire format: the intake sends by name without importing the workers.
+ENCODE_TASK = "hashlake.encode_batch"
+TOMBSTONE_TASK = "hashlake.tombstone_batch"
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    bucket: str
+    key: str  # decoded (not URL-encoded) object name
+    etag: str = ""  # "" when the event carried none (deletes); the worker reads the real one
+    size: int | None = None
+    event_time: str | None = None  # ISO 8601 from the event; for deletes, the tombstone's time
+
+
+@dataclass(frozen=True)
+class Batch:
+    kind: str  # "encode" | "delete"
+    objects: tuple[ObjectRef, ...]
+    enqueued_at: float = field(default_factory=time.time)  # epoch s, for event-to-queryable latency
+
+    @property
+    def batch_id(self) -> str:
+        # Derived from content: a re-sent batch (duplicate event, retry) has the same id and so
+        # writes the same shard name.
+        return batch_id_for((o.bucket, o.key, o.etag) for o in self.objects)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "batch_id": self.batch_id, "enqueued_at": self.enqueued_at,
+                "objects": [asdict(o) for o in self.objects]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Batch":
+        try:
+            kind = data["kind"]
+            objects = tuple(ObjectRef(**o) for o in data["objects"])
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed batch message ({exc}): {str(data)[:200]}") from None
+        if kind not in ("encode", "delete"):
+            raise ValueError(f"malformed batch message: unknown kind {kind!r}")
+        return cls(kind=kind, objects=objects, enqueued_at=float(data.get("enqueued_at", time.time())))
