@@ -1,0 +1,36 @@
+# hashlake: two commands for a fresh machine — `make demo` and `make test`. Both run `make setup` first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup system-packages demo test bench clean
+
+setup: system-packages $(VENV)/.installed
+
+# Debian packages the stack and the tests start, installed only when one is missing.
+system-packages:
+	@deploy/install-system-packages.sh
+
+# Re-installs when pyproject.toml changes. torch==2.14.1/torchvision==0.29.1 are pinned: pip takes
+# them from this machine's local wheel store instead of downloading gigabytes.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+demo: setup
+	$(BIN)/hashlake demo $(DEMO_ARGS)
+
+test: setup
+	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/hamming.py
+	$(BIN)/python benchmarks/map_cifar10.py
+
+clean:
+	-$(BIN)/hashlake stack down
+	rm -rf $(VENV) .hashlake *.egg-info

@@ -1,0 +1,207 @@
+"""Ingest throughput and PUT-to-queryable latency of the local stack, beside the bare model forward.
+
+Starts a private stack (redis-server, moto_server, intake, Celery workers) in a temporary folder
+and measures in the same run:
+
+  (a) pipeline throughput: N images PUT as fast as possible, from the first PUT until every row
+      is in a shard (shards are what the SQL layer reads, so "in a shard" = queryable);
+  (b) the bare forward throughput of the same model version, batch size and torch thread count,
+      on already-decoded tensors (no I/O, no decode);
+  (c) PUT-to-queryable latency, uploading at a steady rate (default 20 images/s).
+
+moto_server sends no bucket notifications, so this script posts for each PUT the MinIO webhook
+event a MinIO server would send (same schema, bearer token) to the intake. Prints RESULT lines last.
+
+    .venv/bin/python benchmarks/ingest.py [--images 600] [--rate 20] [--seconds 30]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hashlake import stack  # noqa: E402
+from hashlake.catalog import Catalog  # noqa: E402
+from hashlake.config import Settings  # noqa: E402
+from hashlake.datasets import SAMPLE, iter_images  # noqa: E402
+from hashlake.shards import CODES_PREFIX, read_parquet_bytes  # noqa: E402
+from hashlake.store import ObjectStore  # noqa: E402
+from hashlake.upload import upload_one  # noqa: E402
+
+CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10.parquet"
+WEBHOOK_PATH = "/minio/events"
+
+
+def minio_put_event(bucket: str, key: str, etag: str, size: int) -> dict:
+    """The body a MinIO notify_webhook target POSTs for one s3:ObjectCreated:Put."""
+    now = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    record = {"eventVersion": "2.0", "eventSource": "minio:s3", "awsRegion": "", "eventTime": now,
+              "eventName": "s3:ObjectCreated:Put",
+              "s3": {"s3SchemaVersion": "1.0", "configurationId": "Config",
+                     "bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"},
+                     "object": {"key": urllib.parse.quote_plus(key), "size": size, "eTag": etag,
+                                "contentType": "image/jpeg", "sequencer": f"{time.time_ns():X}"}}}
+    return {"EventName": "s3:ObjectCreated:Put", "Key": f"{bucket}/{key}", "Records": [record]}
+
+
+class Uploader:
+    """PUT + the MinIO webhook event, as a MinIO server would notify."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = ObjectStore(settings)
+        self.url = f"http://127.0.0.1:{settings.webhook_port}{WEBHOOK_PATH}"
+
+    def put(self, image) -> tuple[str, str, float]:
+        t0 = time.time()
+        etag = upload_one(self.store, self.settings.images_bucket, image)
+        body = json.dumps(minio_put_event(self.settings.images_bucket, image.name, etag, len(image.body))).encode()
+        req = urllib.request.Request(self.url, data=body, method="POST", headers={
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {self.settings.webhook_token.get_secret_value()}"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            if resp.status >= 300:
+                raise RuntimeError(f"webhook answered {resp.status}")
+        return image.name, etag, t0
+
+
+class ShardWatcher(threading.Thread):
+    """Lists codes/<version>/ every 100 ms and records when each (key, etag) first appears."""
+
+    def __init__(self, settings: Settings, version: str):
+        super().__init__(daemon=True)
+        self.store = ObjectStore(settings)
+        self.bucket = settings.index_bucket
+        self.prefix = f"{CODES_PREFIX}{version}/"
+        self.seen_at: dict[tuple[str, str], float] = {}
+        self.read_shards: set[tuple[str, str]] = set()
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_flag.is_set():
+            for obj in self.store.list(self.bucket, self.prefix):
+                if (obj.key, obj.etag) in self.read_shards:
+                    continue
+                now = time.time()
+                body, _ = self.store.get(self.bucket, obj.key)
+                self.read_shards.add((obj.key, obj.etag))
+                table = read_parquet_bytes(body).select(["key", "etag"])
+                for key, etag in zip(table["key"].to_pylist(), table["etag"].to_pylist()):
+                    self.seen_at.setdefault((key, etag), now)
+            time.sleep(0.1)
+
+    def wait_for(self, wanted: set[tuple[str, str]], timeout_s: float) -> float:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if wanted <= self.seen_at.keys():
+                return max(self.seen_at[w] for w in wanted)
+            time.sleep(0.05)
+        missing = len(wanted - self.seen_at.keys())
+        raise TimeoutError(f"{missing} of {len(wanted)} images not queryable after {timeout_s} s")
+
+
+def bare_forward_images_per_s(settings: Settings, version: str, images, batch_size: int, threads: int) -> float:
+    """Forward throughput of the same model on decoded, preprocessed tensors (median of batches)."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from hashing_models import create_model
+    from hashing_models.preprocess import prepare_images
+
+    catalog = Catalog(ObjectStore(settings), settings)
+    card = catalog.card(version)
+    model = create_model(card.arch, pretrained=False, img_size=card.input_size)
+    model.load_state_dict(catalog.weights(version))
+    model.eval()
+    torch.set_num_threads(threads)
+    pil = [Image.open(io.BytesIO(im.body)).convert("RGB") for im in images]
+    batches = [prepare_images(pil[i:i + batch_size], model.input_config) for i in range(0, len(pil), batch_size)]
+    batches = [b for b in batches if len(b) == batch_size] or batches
+    model.encode(batches[0])  # warm-up
+    per_batch = []
+    for batch in batches:
+        t0 = time.perf_counter()
+        model.encode(batch)
+        per_batch.append(len(batch) / (time.perf_counter() - t0))
+    return statistics.median(per_batch)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=600, help="images for the throughput run")
+    parser.add_argument("--rate", type=float, default=20.0, help="uploads per second for the latency run")
+    parser.add_argument("--seconds", type=float, default=30.0, help="length of the latency run")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--dataset", type=Path, default=CIFAR if CIFAR.exists() else SAMPLE)
+    args = parser.parse_args()
+
+    n_latency = int(args.rate * args.seconds)
+    images = list(iter_images(args.dataset, limit=args.images + n_latency))
+    throughput_set, latency_set = images[:args.images], images[args.images:]
+
+    with tempfile.TemporaryDirectory(prefix="hashlake-bench-") as tmp:
+        base = Settings(stack_dir=Path(tmp), reconcile_interval_s=3600)
+        settings = stack.up(base, stack.StackOptions(workers=args.workers, prometheus=False,
+                                                     reconcile_interval_s=3600), log=print)
+        try:
+            version = Catalog(ObjectStore(settings), settings).active()
+            watcher = ShardWatcher(settings, version)
+            watcher.start()
+            uploader = Uploader(settings)
+            from concurrent.futures import ThreadPoolExecutor
+
+            # (a) throughput: everything at once, 8 uploaders in parallel.
+            t0 = time.time()
+            with ThreadPoolExecutor(8) as pool:
+                sent = list(pool.map(uploader.put, throughput_set))
+            t_done = watcher.wait_for({(k, e) for k, e, _ in sent}, timeout_s=1800)
+            pipeline_rate = len(sent) / (t_done - t0)
+
+            # (c) latency at a steady rate.
+            put_times: dict[tuple[str, str], float] = {}
+            interval = 1.0 / args.rate
+            start = time.time()
+            with ThreadPoolExecutor(4) as pool:
+                futures = []
+                for i, image in enumerate(latency_set):
+                    time.sleep(max(0.0, start + i * interval - time.time()))
+                    futures.append(pool.submit(uploader.put, image))
+                for f in futures:
+                    key, etag, t_put = f.result()
+                    put_times[(key, etag)] = t_put
+            watcher.wait_for(set(put_times), timeout_s=600)
+            watcher.stop_flag.set()
+            latencies = np.array([watcher.seen_at[k] - t for k, t in put_times.items()])
+
+            threads = settings.torch_threads or 1
+            bare_rate = bare_forward_images_per_s(settings, version, throughput_set, settings.batch_size, threads)
+        finally:
+            stack.down(base, log=lambda *_: None)
+
+    print(f"pipeline: {len(throughput_set)} images in {len(throughput_set) / pipeline_rate:.1f} s; "
+          f"bare forward: {bare_rate:.1f} img/s (batch {settings.batch_size}, {threads} threads); "
+          f"latency at {args.rate}/s over {len(latencies)} images: p50 {np.percentile(latencies, 50):.2f} s")
+    print(f"RESULT ingest_images_per_s {pipeline_rate:.2f}")
+    print(f"RESULT bare_forward_images_per_s {bare_rate:.2f}")
+    print(f"RESULT ingest_vs_bare_forward_ratio {pipeline_rate / bare_rate:.3f}")
+    print(f"RESULT put_to_query_p50_s {np.percentile(latencies, 50):.3f}")
+    print(f"RESULT put_to_query_p95_s {np.percentile(latencies, 95):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The `hashlake` command: the local stack, the intake, models, SQL, search and the demo.
+
+Settings come from ``HASHLAKE_*`` variables and the TOML file ``HASHLAKE_CONFIG``; when that is
+unset and a local stack is running from ``.hashlake/``, its ``stack.toml`` is used, so commands
+run after ``hashlake stack up`` talk to that stack without further setup.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hashlake.config import Settings
+
+app = typer.Typer(help="hashlake: deep-hashing image retrieval over object storage, queried with SQL.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+stack_app = typer.Typer(help="Start, stop and inspect the local stack.", no_args_is_help=True)
+model_app = typer.Typer(help="Model versions in the catalog.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(model_app, name="model")
+console = Console()
+
+
+def load_settings() -> Settings:
+    if "HASHLAKE_CONFIG" not in os.environ:
+        default = Path(os.environ.get("HASHLAKE_STACK_DIR", ".hashlake")) / "stack.toml"
+        if default.exists():
+            os.environ["HASHLAKE_CONFIG"] = str(default)
+    return Settings()
+
+
+# --- stack ----------------------------------------------------------------------------------------
+@stack_app.command("up")
+def stack_up(workers: Annotated[int, typer.Option(help="Celery worker processes")] = 1,
+             prometheus: Annotated[bool, typer.Option(help="also start Prometheus")] = True) -> None:
+    """Start redis-server, the S3 server, the intake, the workers and Prometheus in the background."""
+    from hashlake import stack
+
+    console.print(f"starting the local stack in {stack.stack_dir(Settings())}")
+    stack.up(Settings(), stack.StackOptions(workers=workers, prometheus=prometheus), log=console.print)
+    console.print("stack is up; `hashlake stack status` shows it, `hashlake stack down` stops it")
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop every process of the local stack."""
+    from hashlake import stack
+
+    stack.down(Settings(), log=console.print)
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Show each process of the local stack and whether it answers."""
+    from hashlake import stack
+
+    rows = stack.status(Settings())
+    if not rows:
+        console.print("no stack is running")
+        raise typer.Exit(1)
+    table = Table("service", "pid", "port", "healthy", "log")
+    for record, healthy in rows:
+        table.add_row(record.name, str(record.pid), str(record.port or "-"),
+                      "[green]yes[/]" if healthy else "[red]no[/]", record.log)
+    console.print(table)
+    if not all(h for _, h in rows):
+        raise typer.Exit(1)
+
+
+# --- roles ----------------------------------------------------------------------------------------
+@app.command()
+def intake() -> None:
+    """Run the event intake: MinIO webhook, Redis-list consumer, batcher and periodic reconciler."""
+    from workers.intake import run_intake
+
+    run_intake(load_settings())
+
+
+@app.command()
+def reconcile() -> None:
+    """Enqueue every object not indexed under the active model version (and deletes for vanished ones)."""
+    from workers.intake import reconcile_once
+
+    summary = reconcile_once(load_settings())
+    console.print(summary)
+
+
+# --- models ---------------------------------------------------------------------------------------
+@model_app.command("init")
+def model_init(arch: str = "lsh_effnetlite0_64",
+               img_size: Annotated[int, typer.Option(help="input resolution, px")] = 128,
+               activate: bool = True) -> None:
+    """Publish a pretrained backbone with a fixed projection as a model version (and activate it)."""
+    from hashlake.models import init_model
+
+    card = init_model(load_settings(), arch=arch, img_size=img_size, activate=activate)
+    console.print(f"published {card.version}: {card.description}")
+
+
+@model_app.command("list")
+def model_list() -> None:
+    """List model versions; the active one is starred."""
+    from hashlake.catalog import Catalog, ModelNotFound
+    from hashlake.store import ObjectStore
+
+    settings = load_settings()
+    catalog = Catalog(ObjectStore(settings), settings)
+    try:
+        active = catalog.active()
+    except ModelNotFound:
+        active = None
+    table = Table("", "version", "arch", "bits", "input px", "description")
+    for version in catalog.versions():
+        card = catalog.card(version)
+        table.add_row("*" if version == active else "", version, card.arch, str(card.bits), str(card.input_size),
+                      card.description)
+    console.print(table)
+
+
+@model_app.command("activate")
+def model_activate(version: str) -> None:
+    """Point the active pointer at VERSION (workers follow within seconds)."""
+    from hashlake.catalog import Catalog
+    from hashlake.store import ObjectStore
+
+    settings = load_settings()
+    Catalog(ObjectStore(settings), settings).activate(version)
+    console.print(f"active model is now {version}")
+
+
+# --- data -----------------------------------------------------------------------------------------
+@app.command()
+def upload(source: Annotated[Path, typer.Argument(help="a CIFAR-style .parquet or a folder of images")],
+           limit: Optional[int] = None) -> None:
+    """Upload images to the images bucket with their labels as x-amz-meta-labels."""
+    from hashlake.datasets import iter_images
+    from hashlake.store import ObjectStore
+    from hashlake.upload import upload_all
+
+    settings = load_settings()
+    etags = upload_all(ObjectStore(settings), settings.images_bucket, iter_images(source, limit))
+    console.print(f"uploaded {len(etags)} images to s3://{settings.images_bucket}/")
+
+
+@app.command()
+def sql(query: str, local: Annotated[Optional[Path], typer.Option(help="read shards from this folder")] = None) -> None:
+    """Run a SQL query over the index (views codes, failures; search(), within(), hamming(), hash_image())."""
+    from hashlake.sql import connect
+
+    con = connect(load_settings(), local_dir=local)
+    result = con.sql(query)
+    if result is None:
+        return
+    print_relation(result.columns, result.fetchall())
+
+
+@app.command()
+def search(image: Path, k: Annotated[int, typer.Option("-k", help="how many neighbours")] = 10,
+           local: Annotated[Optional[Path], typer.Option(help="read shards from this folder")] = None) -> None:
+    """Print the K nearest indexed images to IMAGE by Hamming distance."""
+    from hashlake.sql import connect
+
+    if not image.is_file():
+        raise typer.BadParameter(f"{image} is not a file")
+    con = connect(load_settings(), local_dir=local)
+    rel = con.execute(
+        "SELECT s.key, s.distance, c.labels FROM search(hash_image(?), ?) s JOIN codes c USING (key) "
+        "ORDER BY s.distance, s.key", [str(image.resolve()), k])
+    print_relation([d[0] for d in rel.description], rel.fetchall())
+
+
+def print_relation(columns: list[str], rows: list[tuple]) -> None:
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*(v.hex() if isinstance(v, bytes) else str(v) for v in row))
+    console.print(table)
+
+
+@app.command()
+def demo(dataset: Annotated[Optional[Path], typer.Option(help="CIFAR-10 .parquet or a folder of images")] = None,
+         limit: Annotated[int, typer.Option(help="images to upload")] = 1000,
+         workers: int = 1,
+         keep: Annotated[bool, typer.Option(help="leave the stack running afterwards")] = True) -> None:
+    """Stack up, upload images, wait until all are indexed, query, report mAP; ends with RESULT lines."""
+    from hashlake.demo import run_demo
+
+    run_demo(dataset=dataset, limit=limit, workers=workers, keep=keep, console=console)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,231 @@
+"""`hashlake stack up|down|status`: the local stack as background processes under one folder.
+
+    <stack_dir>/stack.json    what runs: name, pid, port, log of every process
+    <stack_dir>/stack.toml    the settings every process (and every later CLI call) reads
+    <stack_dir>/logs/*.log    one log per process
+    <stack_dir>/data/         redis append-only file, Prometheus data
+
+Order: redis-server and the S3 server (moto_server: MinIO cannot be installed here, and nothing
+in the code depends on which S3 server answers), buckets and an initial model version, the
+intake, N Celery workers, Prometheus. Each start waits for a health check.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from hashlake.config import Settings
+from hashlake.services import (ServiceError, Service, find_executable, free_port, port_open, spawn,
+                               start_moto, start_redis, wait_until)
+
+STATE_FILE = "stack.json"
+CONFIG_FILE = "stack.toml"
+
+
+@dataclass
+class ProcessRecord:
+    name: str
+    pid: int
+    port: int | None
+    log: str
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    workers: int = 1  # Celery worker processes; each runs one prefork child with the model
+    torch_threads: int | None = None  # per worker; None splits the cores evenly
+    prometheus: bool = True  # start Prometheus when it is installed
+    reconcile_interval_s: float = 2.0  # moto sends no bucket events: the reconciler is the live source
+
+
+def stack_dir(settings: Settings) -> Path:
+    return settings.stack_dir.resolve()
+
+
+def read_state(settings: Settings) -> list[ProcessRecord]:
+    path = stack_dir(settings) / STATE_FILE
+    if not path.exists():
+        return []
+    return [ProcessRecord(**r) for r in json.loads(path.read_text())]
+
+
+def _write_state(settings: Settings, records: list[ProcessRecord]) -> None:
+    path = stack_dir(settings) / STATE_FILE
+    path.write_text(json.dumps([asdict(r) for r in records], indent=2))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of this process still answers kill(0); reap it if it is ours.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def write_config(path: Path, values: dict) -> None:
+    path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()))
+
+
+def up(settings: Settings, options: StackOptions = StackOptions(), log=print) -> Settings:
+    """Start the whole stack; return the settings its processes use. Refuses to start twice."""
+    root = stack_dir(settings)
+    if any(pid_alive(r.pid) for r in read_state(settings)):
+        raise ServiceError(f"a stack is already running from {root}; run `hashlake stack down` first")
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    records: list[ProcessRecord] = []
+    started: list[Service] = []
+
+    def keep(svc: Service) -> None:
+        started.append(svc)
+        records.append(ProcessRecord(svc.name, svc.pid, svc.port, str(svc.log)))
+        _write_state(settings, records)
+        log(f"  {svc.name:<10} pid {svc.pid:<7} port {svc.port or '-':<6} log {svc.log}")
+
+    try:
+        keep(start_redis(free_port(), root / "data"))
+        keep(start_moto(free_port(), root / "data"))
+        threads = options.torch_threads or max(1, (os.cpu_count() or 1) // options.workers)
+        values = {
+            "s3_endpoint": f"http://127.0.0.1:{started[1].port}",
+            "s3_access_key": "hashlake-local",
+            "s3_secret_key": "hashlake-local-secret",
+            "redis_url": f"redis://127.0.0.1:{started[0].port}/0",
+            "webhook_port": free_port(),
+            "metrics_port": free_port(),
+            "reconcile_interval_s": options.reconcile_interval_s,
+            "torch_threads": threads,
+            "stack_dir": str(root),
+            "images_bucket": settings.images_bucket,
+            "index_bucket": settings.index_bucket,
+            "batch_size": settings.batch_size,
+            "batch_window_ms": settings.batch_window_ms,
+        }
+        config_path = root / CONFIG_FILE
+        write_config(config_path, values)
+        env = {"HASHLAKE_CONFIG": str(config_path)}
+        stack_settings = load_stack_settings(config_path)
+        _prepare_store(stack_settings, log)
+
+        python = sys.executable
+        keep(spawn("intake", [python, "-m", "hashlake.cli", "intake"], root / "logs" / "intake.log",
+                   env=env, port=stack_settings.webhook_port))
+        wait_until(lambda: port_open(stack_settings.webhook_port), 60, "the intake webhook",
+                   started[-1].proc, started[-1].log)
+        for i in range(options.workers):
+            keep(_start_worker(i, stack_settings, env, root))
+        if options.prometheus and shutil.which("prometheus"):
+            keep(_start_prometheus(stack_settings, root, options.workers))
+    except BaseException:
+        for svc in reversed(started):
+            svc.stop()
+        (root / STATE_FILE).unlink(missing_ok=True)
+        raise
+    return stack_settings
+
+
+def load_stack_settings(config_path: Path) -> Settings:
+    previous = os.environ.get("HASHLAKE_CONFIG")
+    os.environ["HASHLAKE_CONFIG"] = str(config_path)
+    try:
+        return Settings()
+    finally:
+        if previous is None:
+            os.environ.pop("HASHLAKE_CONFIG")
+        else:
+            os.environ["HASHLAKE_CONFIG"] = previous
+
+
+def _prepare_store(settings: Settings, log) -> None:
+    from hashlake.catalog import Catalog, ModelNotFound
+    from hashlake.models import init_model
+    from hashlake.store import ObjectStore
+
+    store = ObjectStore(settings)
+    store.ensure_bucket(settings.images_bucket)
+    store.ensure_bucket(settings.index_bucket)
+    try:
+        log(f"  model      {Catalog(store, settings).active()} (active)")
+    except ModelNotFound:
+        card = init_model(settings)
+        log(f"  model      {card.version} created and activated ({card.description})")
+
+
+def worker_metrics_port(settings: Settings, index: int) -> int:
+    # The intake exports on metrics_port; worker i on metrics_port + 1 + i.
+    return settings.metrics_port + 1 + index
+
+
+def _start_worker(index: int, settings: Settings, env: dict, root: Path) -> Service:
+    celery = find_executable("celery", "install the project with `make setup`")
+    multiproc = root / "data" / f"metrics-worker{index}"
+    shutil.rmtree(multiproc, ignore_errors=True)
+    multiproc.mkdir(parents=True)
+    port = worker_metrics_port(settings, index)
+    svc = spawn(f"worker{index}",
+                [celery, "-A", "workers.celery_app", "worker", "--pool", "prefork", "--concurrency", "1",
+                 "--hostname", f"worker{index}@%h", "--loglevel", "INFO"],
+                root / "logs" / f"worker{index}.log",
+                env={**env, "PROMETHEUS_MULTIPROC_DIR": str(multiproc), "HASHLAKE_WORKER_METRICS_PORT": str(port)},
+                port=port)
+    wait_until(lambda: "ready." in svc.log.read_text(errors="replace"), 180, f"celery worker{index}",
+               svc.proc, svc.log)
+    return svc
+
+
+def _start_prometheus(settings: Settings, root: Path, workers: int) -> Service:
+    from hashlake.prometheus_config import render_local_config
+
+    port = free_port()
+    config = root / "prometheus.yml"
+    targets = [f"127.0.0.1:{settings.metrics_port}"] + [
+        f"127.0.0.1:{worker_metrics_port(settings, i)}" for i in range(workers)]
+    config.write_text(render_local_config(targets))
+    svc = spawn("prometheus", ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={root / 'data' / 'prometheus'}",
+                               f"--web.listen-address=127.0.0.1:{port}"], root / "logs" / "prometheus.log", port=port)
+    wait_until(lambda: port_open(port), 30, "prometheus", svc.proc, svc.log)
+    return svc
+
+
+def down(settings: Settings, log=print, grace_s: float = 15.0) -> None:
+    """Stop every recorded process (SIGTERM to its process group, SIGKILL after ``grace_s``)."""
+    records = read_state(settings)
+    for r in reversed(records):
+        if pid_alive(r.pid):
+            try:
+                os.killpg(r.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace_s
+    for r in reversed(records):
+        while pid_alive(r.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if pid_alive(r.pid):
+            os.killpg(r.pid, signal.SIGKILL)
+        log(f"  stopped {r.name} (pid {r.pid})")
+    (stack_dir(settings) / STATE_FILE).unlink(missing_ok=True)
+
+
+def status(settings: Settings) -> list[tuple[ProcessRecord, bool]]:
+    return [(r, pid_alive(r.pid) and (r.port is None or port_open(r.port))) for r in read_state(settings)]
