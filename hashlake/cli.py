@@ -83,10 +83,17 @@ def intake() -> None:
 @app.command()
 def reconcile() -> None:
     """Enqueue every object not indexed under the active model version (and deletes for vanished ones)."""
+    from hashlake.catalog import ModelNotFound
     from workers.intake import reconcile_once
 
-    summary = reconcile_once(load_settings())
+    try:
+        summary = reconcile_once(load_settings())
+    except ModelNotFound as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
     console.print(summary)
+    if not summary.batcher_alive:
+        console.print("[yellow]no intake is running: the queued work is sent once `hashlake intake` runs[/]")
 
 
 # --- models ---------------------------------------------------------------------------------------

@@ -138,5 +138,5 @@ def to_parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def read_parquet_bytes(body: bytes) -> pa.Table:
-    return pq.read_table(io.BytesIO(body))
+def read_parquet_bytes(body: bytes, columns: Sequence[str] | None = None) -> pa.Table:
+    return pq.read_table(io.BytesIO(body), columns=columns)

@@ -33,7 +33,10 @@ class Batch:
     @property
     def batch_id(self) -> str:
         # Derived from content: a re-sent batch (duplicate event, retry) has the same id and so
-        # writes the same shard name.
+        # writes the same shard name. Deletes carry no etag; their time is part of their identity,
+        # so a replayed older delete cannot overwrite the tombstone file of a newer one.
+        if self.kind == "delete":
+            return batch_id_for((o.bucket, o.key, o.event_time or "") for o in self.objects)
         return batch_id_for((o.bucket, o.key, o.etag) for o in self.objects)
 
     def to_json(self) -> dict:

@@ -1,0 +1,414 @@
+"""Event intake: MinIO event parsing, webhook, Redis-list consumer, batcher and reconciler, on real Redis and S3."""
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
+
+from hashlake.catalog import ModelNotFound
+from hashlake.services import free_port, start_redis
+from hashlake.shards import (
+    FAILURES_SCHEMA,
+    TOMBSTONES_SCHEMA,
+    ShardMeta,
+    batch_id_for,
+    build_codes_table,
+    codes_path,
+    failures_path,
+    to_parquet_bytes,
+    tombstones_path,
+)
+from workers.intake import reconcile_once
+from workers.intake.batcher import Batcher
+from workers.intake.events import MalformedEvent, parse_access_element, parse_webhook_body
+from workers.intake.pending import IntakeKeys, intake_redis
+from workers.intake.reconciler import Reconciler
+from workers.intake.redis_source import RedisListConsumer
+from workers.intake.sender import BatchSender, task_queue_names
+from workers.intake.webhook import WEBHOOK_PATH, create_webhook_app
+from workers.messages import ENCODE_TASK, TOMBSTONE_TASK
+
+EVENTS = Path(__file__).resolve().parents[2] / "shared" / "events"
+AUTH = {"Authorization": "Bearer test-token"}
+INTAKE_DB = 11  # a Redis db of these tests' own: the Celery queue list in it holds only what they sent
+
+
+def sample(name: str) -> bytes:
+    path = EVENTS / name
+    if not path.exists():
+        pytest.skip(f"MinIO event sample {path} not found (it lives in ../shared/events)")
+    return path.read_bytes()
+
+
+def record(name="s3:ObjectCreated:Put", key="a%2Fb.jpg", etag="e1", bucket="images", size=10):
+    obj = {"key": key, "size": size, "eTag": etag} if etag is not None else {"key": key}
+    return {"eventName": name, "eventTime": "2026-11-22T17:41:54.120Z", "s3": {"bucket": {"name": bucket},
+                                                                               "object": obj}}
+
+
+def sent_tasks(client: redis.Redis, queue: str) -> list[tuple[str, dict]]:
+    """(task name, batch JSON) of the Celery messages waiting in ``queue``, oldest first.
+    Kombu's Redis transport LPUSHes a JSON envelope whose body is the base64 of [args, kwargs, embed]."""
+    out = []
+    for raw in reversed(client.lrange(queue, 0, -1)):
+        envelope = json.loads(raw)
+        args, _kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
+        out.append((envelope["headers"]["task"], args[0]))
+    return out
+
+
+@pytest.fixture
+def intake_settings(settings):
+    """The test's settings on a Redis db flushed for it."""
+    url = settings.redis_url.rsplit("/", 1)[0] + f"/{INTAKE_DB}"
+    redis.Redis.from_url(url).flushdb()
+    return settings.model_copy(update={"redis_url": url})
+
+
+@pytest.fixture
+def event_settings(intake_settings):
+    """For the event tests: the samples' bucket is "images" (the reconciler tests keep the per-test bucket)."""
+    return intake_settings.model_copy(update={"images_bucket": "images"})
+
+
+@pytest.fixture
+def client(intake_settings):
+    c = intake_redis(intake_settings)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def keys(intake_settings):
+    return IntakeKeys.for_settings(intake_settings)
+
+
+@pytest.fixture
+def queue(intake_settings):
+    (name,) = task_queue_names(intake_settings)
+    return name
+
+
+@pytest.fixture
+def sender(intake_settings):
+    s = BatchSender(intake_settings)
+    yield s
+    s.close()
+
+
+def pending_refs(client, keys) -> list[tuple[str, str, str, str]]:
+    return [(e["kind"], e["ref"]["bucket"], e["ref"]["key"], e["ref"]["etag"])
+            for e in map(json.loads, client.lrange(keys.pending, 0, -1))]
+
+
+# -- parsing ----------------------------------------------------------------------------------------
+def test_samples_parse_to_decoded_keys():
+    put = parse_webhook_body(sample("webhook-put.json"))
+    assert not put.errors and [(e.kind, e.ref.bucket, e.ref.key, e.ref.etag, e.ref.size) for e in put.events] == [
+        ("encode", "images", "cats/tabby 01.jpg", "9b2cf535f27731c974343645a3985328", 2417)]
+    delete = parse_webhook_body(sample("webhook-delete.json"))
+    assert [(e.kind, e.ref.key, e.ref.etag, e.ref.event_time) for e in delete.events] == [
+        ("delete", "cats/tabby 01.jpg", "", "2026-11-22T17:45:02.004Z")]
+    access = parse_access_element(sample("redis-access-put.json"))
+    assert [(e.kind, e.ref.key) for e in access.events] == [("encode", "cats/tabby 01.jpg")]
+
+
+def test_malformed_records_are_named_and_the_rest_kept():
+    body = json.dumps({"Records": [record(key="ok.jpg"), {"eventName": "s3:ObjectCreated:Put"},
+                                   record(name="s3:ObjectAccessed:Get"), record(size="big"), "x"]})
+    parsed = parse_webhook_body(body.encode())
+    assert [e.ref.key for e in parsed.events] == ["ok.jpg"] and parsed.ignored == 1
+    assert len(parsed.errors) == 3
+    assert "Records[1]" in parsed.errors[0] and "s3 is missing" in parsed.errors[0]
+    assert "Records[3]: s3.object.size must be int, got str" == parsed.errors[1]
+    assert "Records[4]" in parsed.errors[2]
+    with pytest.raises(MalformedEvent, match="not JSON"):
+        parse_webhook_body(b"{nope")
+    with pytest.raises(MalformedEvent, match="no 'Records' list"):
+        parse_webhook_body(b'{"EventName": "s3:ObjectCreated:Put"}')
+    with pytest.raises(MalformedEvent, match="JSON array"):
+        parse_access_element(b'{"Event": []}')
+
+
+# -- webhook ----------------------------------------------------------------------------------------
+@pytest.fixture
+def webhook(event_settings, client, keys):
+    with TestClient(create_webhook_app(event_settings, client, keys)) as http:
+        yield http
+
+
+def test_webhook_requires_the_bearer_token(webhook, client, keys):
+    body = sample("webhook-put.json")
+    missing = webhook.post(WEBHOOK_PATH, content=body)
+    wrong = webhook.post(WEBHOOK_PATH, content=body, headers={"Authorization": "Bearer nope"})
+    assert (missing.status_code, wrong.status_code) == (401, 401)
+    assert "no Authorization header" in missing.json()["detail"] and "wrong bearer token" in wrong.json()["detail"]
+    assert client.llen(keys.pending) == 0
+
+
+def test_webhook_queues_samples_and_multi_record_bodies(webhook, client, keys):
+    assert webhook.post(WEBHOOK_PATH, content=sample("webhook-put.json"), headers=AUTH).json() == {
+        "queued": 1, "ignored": 0}
+    assert webhook.post(WEBHOOK_PATH, content=sample("webhook-delete.json"), headers=AUTH).status_code == 200
+    three = {"Records": [record(key="x%2By+z.jpg"), record(key="dir%2Fsub%2Fq.png", etag="e2"),
+                         record(name="s3:ObjectRemoved:DeleteMarkerCreated", key="old.jpg", etag=None)]}
+    assert webhook.post(WEBHOOK_PATH, json=three, headers=AUTH).json()["queued"] == 3
+    assert pending_refs(client, keys) == [
+        ("encode", "images", "cats/tabby 01.jpg", "9b2cf535f27731c974343645a3985328"),
+        ("delete", "images", "cats/tabby 01.jpg", ""),
+        ("encode", "images", "x+y z.jpg", "e1"),  # '%2B' is a literal '+', a bare '+' a space
+        ("encode", "images", "dir/sub/q.png", "e2"),
+        ("delete", "images", "old.jpg", ""),
+    ]
+
+
+def test_webhook_ignores_other_event_types_and_buckets(webhook, client, keys):
+    body = {"Records": [record(name="s3:ObjectAccessed:Get"), record(bucket="hashlake"), record(key="mine.jpg")]}
+    assert webhook.post(WEBHOOK_PATH, json=body, headers=AUTH).json() == {"queued": 1, "ignored": 2}
+    assert [r[2] for r in pending_refs(client, keys)] == ["mine.jpg"]
+
+
+def test_webhook_malformed_body_is_400_and_valid_records_still_queued(webhook, client, keys):
+    bad_json = webhook.post(WEBHOOK_PATH, content=b'{"Records": [', headers=AUTH)
+    assert bad_json.status_code == 400 and "not JSON" in bad_json.json()["detail"]
+    mixed = webhook.post(WEBHOOK_PATH, json={"Records": [record(key="good.jpg"), record(etag=5)]}, headers=AUTH)
+    assert mixed.status_code == 400
+    assert mixed.json()["queued"] == 1 and mixed.json()["errors"] == ["Records[1]: s3.object.eTag must be str, got int"]
+    assert [r[2] for r in pending_refs(client, keys)] == ["good.jpg"]
+
+
+def test_webhook_dead_broker_is_503_and_nothing_lost_after_restart(event_settings, tmp_path):
+    port = free_port()
+    broker = start_redis(port, tmp_path / "redis")
+    own = event_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0"})
+    keys, client = IntakeKeys.for_settings(own), intake_redis(own)
+    try:
+        with TestClient(create_webhook_app(own, client, keys)) as http:
+            assert http.post(WEBHOOK_PATH, json={"Records": [record(key="first.jpg")]}, headers=AUTH).status_code == 200
+            broker.stop()
+            started = time.monotonic()
+            down = http.post(WEBHOOK_PATH, content=sample("webhook-put.json"), headers=AUTH)
+            assert down.status_code == 503 and down.headers["Retry-After"]
+            assert time.monotonic() - started < 3  # MinIO is still waiting: fail fast
+            broker = start_redis(port, tmp_path / "redis")  # same dir: the append-only file comes back
+            # MinIO retries the refused event until it gets a 2xx.
+            assert http.post(WEBHOOK_PATH, content=sample("webhook-put.json"), headers=AUTH).status_code == 200
+        assert [r[2] for r in pending_refs(client, keys)] == ["first.jpg", "cats/tabby 01.jpg"]
+    finally:
+        client.close()
+        broker.stop()
+
+
+# -- Redis-list consumer ----------------------------------------------------------------------------
+def test_redis_consumer_hands_events_on_and_dead_letters_malformed(client, keys):
+    client.rpush(keys.events, sample("redis-access-put.json"), b"not json",
+                 json.dumps([{"Event": [record(key="ok.jpg"), record(size=-1)]}]))
+    consumer = RedisListConsumer(client, keys, "images")
+    while consumer.step(0):
+        pass
+    assert [r[2] for r in pending_refs(client, keys)] == ["cats/tabby 01.jpg", "ok.jpg"]
+    dead = [json.loads(d) for d in client.lrange(keys.dead, 0, -1)]
+    assert [d["element"] for d in dead][0] == "not json" and "not JSON" in dead[0]["reason"]
+    assert "[0].Event[1]: s3.object.size must be >= 0" in dead[1]["reason"] and "1 valid records" in dead[1]["reason"]
+    assert client.llen(keys.events) == client.llen(keys.events_processing) == 0
+
+
+def test_redis_consumer_crash_between_claim_and_enqueue_redelivers(client, keys):
+    client.rpush(keys.events, sample("redis-access-put.json"))
+    crashed = RedisListConsumer(client, keys, "images")
+    crashed.recover()
+    assert crashed.claim(0) is not None  # claimed ... and the process dies here
+    assert client.llen(keys.events) == 0 and client.llen(keys.pending) == 0
+    restarted = RedisListConsumer(client, keys, "images")
+    assert restarted.step(0) is True  # start-up gives the claimed element back, then hands it on
+    assert [r[2] for r in pending_refs(client, keys)] == ["cats/tabby 01.jpg"]
+    assert client.llen(keys.events_processing) == 0
+
+
+# -- batcher ----------------------------------------------------------------------------------------
+def push_events(client, keys, *records_):
+    consumer = RedisListConsumer(client, keys, "images")
+    client.rpush(keys.events, json.dumps([{"Event": list(records_)}]))
+    consumer.step(0)
+
+
+def test_batcher_respects_batch_size_and_dedups(client, keys, sender, queue):
+    push_events(client, keys, *[record(key=f"k{i}.jpg") for i in range(7)], record(key="k0.jpg"),
+                record(name="s3:ObjectRemoved:Delete", key="gone.jpg", etag=None))
+    batcher = Batcher(client, keys, sender, batch_size=3, window_ms=60_000)
+    for _ in range(4):
+        batcher.step()
+    tasks = sent_tasks(client, queue)
+    assert [(name, [o["key"] for o in b["objects"]]) for name, b in tasks] == [
+        (ENCODE_TASK, ["k0.jpg", "k1.jpg", "k2.jpg"]), (ENCODE_TASK, ["k3.jpg", "k4.jpg", "k5.jpg"])]
+    assert tasks[0][1]["batch_id"] == batch_id_for([("images", f"k{i}.jpg", "e1") for i in range(3)])
+    # k6 + the duplicate k0 (a new batch: k0 was already sent) and the delete wait for the window.
+    assert {k: len(b.refs) for k, b in batcher.open.items()} == {"encode": 2, "delete": 1}
+    batcher.flush()
+    names = [name for name, _ in sent_tasks(client, queue)]
+    assert names.count(TOMBSTONE_TASK) == 1 and len(names) == 4
+    assert client.llen(keys.pending) == client.llen(keys.pending_processing) == 0
+
+
+def test_batcher_sends_after_the_window(client, keys, sender, queue):
+    batcher = Batcher(client, keys, sender, batch_size=100, window_ms=300)
+    push_events(client, keys, record(key="a.jpg"), record(key="a.jpg"))  # same object twice
+    started = time.monotonic()
+    batcher.step()
+    assert sent_tasks(client, queue) == [] and batcher.open
+    while not sent_tasks(client, queue):
+        batcher.step()
+    waited = time.monotonic() - started
+    assert 0.25 <= waited < 1.5
+    ((_, batch),) = sent_tasks(client, queue)
+    assert [o["key"] for o in batch["objects"]] == ["a.jpg"]  # no re-enqueue within the batch
+
+
+def test_batcher_keeps_entries_until_the_broker_confirms(intake_settings, client, keys, queue, tmp_path):
+    dead = intake_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    push_events(client, keys, record(key="a.jpg"), record(key="b.jpg"))
+    broken = BatchSender(dead)  # publishes to a broker that is not there
+    batcher = Batcher(client, keys, broken, batch_size=2, window_ms=60_000)
+    started = time.monotonic()
+    with pytest.raises(Exception, match="Connection refused|Error 111"):
+        batcher.step()
+    assert time.monotonic() - started < 3
+    assert client.llen(keys.pending_processing) == 2  # still claimed, not lost
+    broken.close()
+    # The process dies here; the next batcher gives the claimed entries back and sends them.
+    with_broker = BatchSender(intake_settings)
+    Batcher(client, keys, with_broker, batch_size=2, window_ms=60_000).step()
+    with_broker.close()
+    ((_, batch),) = sent_tasks(client, queue)
+    assert sorted(o["key"] for o in batch["objects"]) == ["a.jpg", "b.jpg"]
+    assert client.llen(keys.pending_processing) == 0
+
+
+def test_malformed_pending_entry_is_dead_lettered(client, keys, sender, queue):
+    client.rpush(keys.pending, b'{"kind": "encode"}')
+    push_events(client, keys, record(key="a.jpg"))
+    Batcher(client, keys, sender, batch_size=1, window_ms=60_000).step()
+    assert [o["key"] for _, b in sent_tasks(client, queue) for o in b["objects"]] == ["a.jpg"]
+    (dead,) = [json.loads(d) for d in client.lrange(keys.dead, 0, -1)]
+    assert dead["source"] == "pending" and "not a hashlake intake entry" in dead["reason"]
+
+
+# -- reconciler -------------------------------------------------------------------------------------
+def write_codes_shard(store, settings, version, infos):
+    rows = [{"key": i.key, "bucket": i.bucket, "etag": i.etag, "size": i.size, "last_modified": i.last_modified,
+             "encoded_at": datetime.now(timezone.utc), "labels": []} for i in infos]
+    table = build_codes_table(rows, np.zeros((len(rows), 8), np.uint8), ShardMeta(version, 64, "test"))
+    name = codes_path(version, batch_id_for((i.bucket, i.key, i.etag) for i in infos))
+    store.put_whole(settings.index_bucket, name, to_parquet_bytes(table))
+
+
+def write_tombstone(store, settings, key, deleted_at):
+    table = pa.table({"key": [key], "bucket": [settings.images_bucket], "deleted_at": [deleted_at]},
+                     schema=TOMBSTONES_SCHEMA)
+    store.put_whole(settings.index_bucket, tombstones_path(batch_id_for([(settings.images_bucket, key, "")])),
+                    to_parquet_bytes(table))
+
+
+def test_reconcile_without_a_model_says_so(intake_settings, store):
+    with pytest.raises(ModelNotFound, match="no active model.*hashlake model init"):
+        reconcile_once(intake_settings)
+
+
+def test_reconciler_queues_unindexed_and_deletes_vanished(intake_settings, store, client, keys, queue):
+    # Pinned version; a short visibility timeout so the re-queue rule can be seen within the test.
+    settings = intake_settings.model_copy(update={"model_version": "v1", "broker_visibility_timeout_s": 0.3})
+    bucket = settings.images_bucket
+    for key in ("indexed/a.jpg", "indexed/b.jpg", "new/c.jpg", "changed.jpg", "broken.jpg", "deleted-later.jpg"):
+        store.put(bucket, key, key.encode())
+    infos = {o.key: o for o in store.list(bucket)}
+    indexed = ("indexed/a.jpg", "indexed/b.jpg", "deleted-later.jpg")
+    write_codes_shard(store, settings, "v1", [infos[k] for k in indexed])
+    write_codes_shard(store, settings, "v1", [replace(infos["changed.jpg"], etag="old-etag")])  # overwritten since
+    write_codes_shard(store, settings, "v0", [infos["new/c.jpg"]])  # another model version does not count
+    failures = pa.table({"key": ["broken.jpg"], "bucket": [bucket], "etag": [infos["broken.jpg"].etag],
+                         "reason": ["not_an_image"], "detail": ["x"], "model": ["v1"],
+                         "failed_at": [datetime.now(timezone.utc)]}, schema=FAILURES_SCHEMA)
+    store.put_whole(settings.index_bucket, failures_path("v1", "f1"), to_parquet_bytes(failures))
+    # An indexed object deleted from the bucket (its event lost), and one deleted and already tombstoned.
+    write_codes_shard(store, settings, "v1", [replace(infos["indexed/a.jpg"], key="tombstoned.jpg", etag="t1")])
+    write_tombstone(store, settings, "tombstoned.jpg", datetime.now(timezone.utc))
+    store.delete(bucket, "deleted-later.jpg")
+
+    reconciler = Reconciler(settings, store, client, keys, [queue])
+    summary = reconciler.run_once()
+    assert (summary.model_version, summary.listed, summary.indexed, summary.failed, summary.missing,
+            summary.queued, summary.deleted) == ("v1", 5, 2, 1, 2, 2, 1)
+    # Shards read: codes of v1 (3), failures (1), tombstones (1); none of v0.
+    assert summary.shards_read == 5 and summary.batcher_alive is False and summary.pending == 3
+    assert sorted(pending_refs(client, keys)) == [
+        ("delete", bucket, "deleted-later.jpg", ""),
+        ("encode", bucket, "changed.jpg", infos["changed.jpg"].etag),
+        ("encode", bucket, "new/c.jpg", infos["new/c.jpg"].etag)]
+
+    # A second run reads no shard again and does not queue what is still waiting in the queues.
+    time.sleep(0.4)  # past the visibility timeout, but the pending list is not empty
+    again = reconciler.run_once()
+    assert (again.shards_read, again.shards_cached, again.queued, again.deleted,
+            again.skipped_recent) == (0, 5, 0, 0, 3)
+    # Once encoded (a new shard), the object is indexed; the cache reads only that shard.
+    write_codes_shard(store, settings, "v1", [infos["new/c.jpg"]])
+    third = reconciler.run_once()
+    assert (third.shards_read, third.indexed, third.skipped_recent) == (1, 3, 2)
+    # The queues drained but the rest is still not indexed: those tasks were lost, queue them again.
+    client.delete(keys.pending)
+    fourth = reconciler.run_once()
+    assert (fourth.queued, fourth.deleted, fourth.skipped_recent) == (1, 1, 0)
+
+
+def test_reconciled_objects_flow_through_the_batcher(intake_settings, store, client, keys, sender, queue):
+    settings = intake_settings.model_copy(update={"model_version": "v1"})
+    for i in range(5):
+        store.put(settings.images_bucket, f"img{i}.jpg", b"x%d" % i)
+    summary = reconcile_once(settings)
+    assert summary.queued == 5 and summary.skipped_recent == 0
+    batcher = Batcher(client, keys, sender, batch_size=4, window_ms=50)
+    while len(sent_tasks(client, queue)) < 2:
+        batcher.step()
+    assert [len(b["objects"]) for _, b in sent_tasks(client, queue)] == [4, 1]
+    assert reconcile_once(settings).skipped_recent == 5  # queued a moment ago: not again
+    assert reconcile_once(settings, force=True).queued == 5
+
+
+def test_redis_consumer_backs_off_while_redis_is_down_and_resumes(intake_settings, tmp_path):
+    def errors() -> float:
+        return REGISTRY.get_sample_value("hashlake_intake_broker_errors_total", {"component": "redis_consumer"}) or 0
+
+    port = free_port()
+    broker = start_redis(port, tmp_path / "redis")
+    own = intake_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0"})
+    keys, client = IntakeKeys.for_settings(own), intake_redis(own)
+    stop = threading.Event()
+    consumer = threading.Thread(target=RedisListConsumer(client, keys, "images").run, args=(stop,))
+    errors_before = errors()
+    try:
+        consumer.start()
+        broker.stop()
+        time.sleep(1.0)
+        assert consumer.is_alive() and errors() > errors_before  # it failed, backs off, keeps going
+        broker = start_redis(port, tmp_path / "redis")
+        client.rpush(keys.events, sample("redis-access-put.json"))
+        deadline = time.monotonic() + 10
+        while client.llen(keys.pending) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [r[2] for r in pending_refs(client, keys)] == ["cats/tabby 01.jpg"]
+    finally:
+        stop.set()
+        consumer.join(10)
+        client.close()
+        broker.stop()
