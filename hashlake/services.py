@@ -104,13 +104,13 @@ def find_executable(name: str, hint: str) -> str:
     return found
 
 
-def start_redis(port: int, workdir: Path) -> Service:
+def start_redis(port: int, workdir: Path, log: Path | None = None) -> Service:
     exe = find_executable("redis-server", "install it with `make setup` (apt-get install redis-server)")
     workdir.mkdir(parents=True, exist_ok=True)
     # Append-only file with fsync every second: a restarted broker keeps queued tasks.
     svc = spawn("redis", [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
                           "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
-                workdir / "redis.log", port=port)
+                log or workdir / "redis.log", port=port)
     wait_until(lambda: _redis_ping(port), 20, f"redis-server on port {port}", svc.proc, svc.log)
     return svc
 
@@ -121,10 +121,10 @@ def _redis_ping(port: int) -> bool:
     return bool(redis.Redis(port=port, socket_timeout=0.5).ping())
 
 
-def start_moto(port: int, workdir: Path) -> Service:
+def start_moto(port: int, workdir: Path, log: Path | None = None) -> Service:
     """moto_server: a real S3 HTTP endpoint that keeps its data in memory."""
     exe = find_executable("moto_server", "install the project with `make setup` (moto[server])")
-    svc = spawn("s3", [exe, "-H", "127.0.0.1", "-p", str(port)], workdir / "s3.log", port=port,
+    svc = spawn("s3", [exe, "-H", "127.0.0.1", "-p", str(port)], log or workdir / "s3.log", port=port,
                 env={"MOTO_ALLOW_NONEXISTENT_REGION": "true"})
     wait_until(lambda: _http_ok(f"http://127.0.0.1:{port}/"), 30, f"moto_server on port {port}", svc.proc, svc.log)
     return svc

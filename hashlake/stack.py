@@ -104,8 +104,8 @@ def up(settings: Settings, options: StackOptions = StackOptions(), log=print) ->
         log(f"  {svc.name:<10} pid {svc.pid:<7} port {svc.port or '-':<6} log {svc.log}")
 
     try:
-        keep(start_redis(free_port(), root / "data"))
-        keep(start_moto(free_port(), root / "data"))
+        keep(start_redis(free_port(), root / "data", root / "logs" / "redis.log"))
+        keep(start_moto(free_port(), root / "data", root / "logs" / "s3.log"))
         threads = options.torch_threads or max(1, (os.cpu_count() or 1) // options.workers)
         values = {
             "s3_endpoint": f"http://127.0.0.1:{started[1].port}",
