@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     batch_size: int = Field(32, ge=1, le=4096)
     batch_window_ms: int = Field(500, ge=1)
     reconcile_interval_s: float = Field(30.0, gt=0)
+    broker_visibility_timeout_s: float = Field(
+        900.0, gt=0, description="Redis redelivers a dead worker node's unacked batch after this long; must "
+                                 "exceed the longest batch and the longest retry countdown (300 s)")
 
     # --- encoding ------------------------------------------------------------------------------
     model_version: str | None = Field(None, description="pin a model version; None follows the active pointer")

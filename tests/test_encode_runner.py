@@ -1,0 +1,133 @@
+"""encode_batch end to end in-process, against real moto S3 and the real lsh_effnetlite0_64 model at 64 px:
+codes match the model's own encode, bad input becomes failure rows, retries replace their shard,
+a missing model and a dead store are errors to retry, never failure rows."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hashing_models.preprocess import prepare_images
+from hashlake import shards
+from hashlake.catalog import Catalog, ModelNotFound
+from hashlake.config import Settings
+from hashlake.models import init_model
+from hashlake.services import free_port
+from hashlake.store import ObjectStore, StoreUnavailable
+from workers.encode.model import ModelHandle
+from workers.encode.runner import encode_batch, tombstone_batch
+from workers.messages import Batch, ObjectRef
+
+IMG_SIZE = 64  # px: the real model, small enough for a 2-core CI
+
+
+@pytest.fixture
+def model_card(settings, store):
+    return init_model(settings, "lsh_effnetlite0_64", img_size=IMG_SIZE, store=store)
+
+
+def upload(store, bucket, items) -> list[ObjectRef]:
+    refs = []
+    for key, body, labels in items:
+        etag = store.put(bucket, key, body, metadata={"labels": labels} if labels else None)
+        refs.append(ObjectRef(bucket, key, etag, len(body), "2026-11-22T10:00:00Z"))
+    return refs
+
+
+def read_table(store, bucket, key):
+    return shards.read_parquet_bytes(store.get(bucket, key)[0])
+
+
+def test_codes_match_the_model_and_bad_input_is_recorded(settings, store, model_card, cifar_jpegs):
+    good = [(f"cifar/{i}.jpg", body, f"{label},cifar") for i, (_, label, body) in enumerate(cifar_jpegs[:12])]
+    png = io.BytesIO()
+    Image.new("1", (8000, 6000)).save(png, "PNG")  # 48 Mpx in ~6 KB: over the 40 Mpx limit
+    bad = [("bad/notes.txt", b"just some text, not an image", ""), ("bad/empty.jpg", b"", ""),
+           ("bad/truncated.jpg", cifar_jpegs[0][2][:300], ""), ("bad/bomb.png", png.getvalue(), "")]
+    refs = upload(store, settings.images_bucket, good + bad)
+    vanished = ObjectRef(settings.images_bucket, "bad/vanished.jpg", "0" * 32)
+    batch = Batch("encode", tuple(refs) + (vanished,))
+
+    handle = ModelHandle(settings, store)
+    result = encode_batch(batch, settings, handle, store=store)
+    assert result.encoded == 12 and result.model_version == model_card.version
+    assert result.failures_by_reason == {"not_an_image": 1, "empty": 1, "truncated": 1, "too_many_pixels": 1,
+                                         "missing": 1}
+    assert result.codes_key == shards.codes_path(model_card.version, batch.batch_id)
+    assert min(result.read_s, result.infer_s, result.write_s) > 0
+
+    table = read_table(store, settings.index_bucket, result.codes_key)
+    rows = {r["key"]: r for r in table.to_pylist()}
+    assert sorted(rows) == sorted(k for k, _, _ in good)
+    assert rows["cifar/3.jpg"]["labels"] == [str(cifar_jpegs[3][1]), "cifar"]
+    assert rows["cifar/3.jpg"]["etag"] == refs[3].etag
+
+    # Reference: the model's own encode on the same decoded images (CIFAR JPEGs carry no EXIF).
+    model = handle.current().model
+    images = [Image.open(io.BytesIO(body)).convert("RGB") for _, body, _ in good]
+    expected = model.encode(prepare_images(images, model.input_config))
+    got = np.stack([np.frombuffer(rows[k]["code"], np.uint8) for k, _, _ in good])
+    np.testing.assert_array_equal(got, expected)
+
+    failures = read_table(store, settings.index_bucket, result.failures_key).to_pylist()
+    assert {f["key"]: f["reason"] for f in failures} == {
+        "bad/notes.txt": "not_an_image", "bad/empty.jpg": "empty", "bad/truncated.jpg": "truncated",
+        "bad/bomb.png": "too_many_pixels", "bad/vanished.jpg": "missing"}
+    assert all(f["model"] == model_card.version and f["failed_at"] for f in failures)
+
+
+def test_retry_and_duplicate_batches_replace_their_shard(settings, store, model_card, cifar_jpegs):
+    refs = upload(store, settings.images_bucket, [(f"k{i}.jpg", b, "") for i, (_, _, b) in enumerate(cifar_jpegs[:4])])
+    handle = ModelHandle(settings, store)
+    first = encode_batch(Batch("encode", tuple(refs)), settings, handle, store=store)
+    again = encode_batch(Batch("encode", tuple(reversed(refs)) + (refs[0],)), settings, handle, store=store)
+    assert again.codes_key == first.codes_key and again.encoded == 4
+    keys = [o.key for o in store.list(settings.index_bucket, shards.CODES_PREFIX)]
+    assert keys == [first.codes_key]
+    assert read_table(store, settings.index_bucket, first.codes_key).num_rows == 4
+
+
+def test_missing_model_is_a_clear_error(settings, store, cifar_jpegs):
+    refs = upload(store, settings.images_bucket, [("a.jpg", cifar_jpegs[0][2], "")])
+    with pytest.raises(ModelNotFound, match="no active model.*hashlake model init"):
+        encode_batch(Batch("encode", tuple(refs)), settings, ModelHandle(settings, store), store=store)
+    assert list(store.list(settings.index_bucket, shards.CODES_PREFIX)) == []
+
+
+def test_dead_store_is_transient_not_a_failure(settings, store, model_card, tmp_path):
+    handle = ModelHandle(settings, store)
+    dead = ObjectStore(Settings(s3_endpoint=f"http://127.0.0.1:{free_port()}", stack_dir=tmp_path),
+                       timeout_s=0.5, retries=0)
+    batch = Batch("encode", (ObjectRef(settings.images_bucket, "a.jpg", "e"),))
+    with pytest.raises(StoreUnavailable):
+        encode_batch(batch, settings, handle, store=dead)
+    assert list(store.list(settings.index_bucket, shards.FAILURES_PREFIX)) == []
+
+
+def test_handle_follows_the_active_pointer(settings, store, model_card):
+    handle = ModelHandle(settings, store, check_interval_s=0.0)
+    assert handle.current().version == model_card.version
+    catalog = Catalog(store, settings)
+    second = handle.current().card.__class__(**{**model_card.__dict__, "version": model_card.version + "-b"})
+    catalog.publish(second, handle.current().model.state_dict())
+    catalog.activate(second.version)
+    assert handle.current().version == second.version
+    pinned = ModelHandle(settings.model_copy(update={"model_version": model_card.version}), store)
+    assert pinned.current().version == model_card.version
+
+
+def test_tombstone_batch(settings, store):
+    batch = Batch("delete", (ObjectRef(settings.images_bucket, "gone.jpg", event_time="2026-11-22T10:00:00Z"),))
+    key = tombstone_batch(batch, settings, store)
+    assert read_table(store, settings.index_bucket, key).to_pylist()[0]["key"] == "gone.jpg"
+    with pytest.raises(ValueError, match="deletes go to tombstone_batch"):
+        encode_batch(batch, settings, ModelHandle(settings, store), store=store)
+
+
+def test_init_model_publishes_an_honest_card_and_activates_it(settings, store, model_card):
+    catalog = Catalog(store, settings)
+    assert catalog.active() == model_card.version and catalog.card(model_card.version) == model_card
+    assert (model_card.arch, model_card.bits, model_card.input_size) == ("lsh_effnetlite0_64", 64, IMG_SIZE)
+    assert "pretrained" in model_card.description and "fixed random" in model_card.description

@@ -1,0 +1,280 @@
+"""Real Celery workers (prefork, one child) against real redis-server and moto_server: batches are indexed,
+bad input becomes failure rows, duplicates collapse to one shard, a missing model is retried until one
+is active, metrics survive child exits, and a SIGKILL mid-batch loses nothing.
+
+Redelivery after SIGKILL with the Redis transport (kombu 5.7, read in kombu/transport/redis.py):
+a delivered message sits in the ``unacked`` hash until acked. Killing only the *pool child* makes
+the main process see WorkerLostError; with acks_late + reject_on_worker_lost it requeues the
+message at once. Killing the whole *node* leaves the message unacked: nothing happens when the
+broker connection closes; it is requeued by ``restore_visible`` (run when a worker starts, then
+every ~100 s) only once it is older than ``visibility_timeout``. The tests cover both.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+import urllib.request
+from itertools import count
+from pathlib import Path
+
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from hashlake import shards
+from hashlake.models import init_model
+from hashlake.services import Service, find_executable, free_port, spawn, wait_until
+from workers.celery_app import make_app
+from workers.encode.runner import TEST_INFER_DELAY_ENV
+from workers.messages import ENCODE_TASK, TOMBSTONE_TASK, Batch, ObjectRef
+
+pytestmark = pytest.mark.services
+
+ROOT = Path(__file__).resolve().parents[1]
+IMG_SIZE = 64
+_redis_db = count(8)  # Redis databases 8..15: each worker test has its own queues
+
+
+@pytest.fixture
+def wsettings(settings, redis_service):
+    """Settings with a Redis database of this test's own, emptied."""
+    db = next(_redis_db) % 8 + 8
+    url = f"redis://127.0.0.1:{redis_service.port}/{db}"
+    redis.Redis.from_url(url).flushdb()
+    return settings.model_copy(update={"redis_url": url})
+
+
+class Worker:
+    """One `celery worker` node with its metrics exporter, started the way the stack starts it."""
+
+    def __init__(self, settings, tmp_path: Path, name: str, *, env: dict | None = None, args=()):
+        self.metrics_port = free_port()
+        self.log = tmp_path / f"{name}.log"
+        multiproc = tmp_path / f"metrics-{name}"
+        multiproc.mkdir(parents=True, exist_ok=True)
+        worker_env = {
+            "HASHLAKE_S3_ENDPOINT": settings.s3_endpoint,
+            "HASHLAKE_S3_ACCESS_KEY": settings.s3_access_key.get_secret_value(),
+            "HASHLAKE_S3_SECRET_KEY": settings.s3_secret_key.get_secret_value(),
+            "HASHLAKE_IMAGES_BUCKET": settings.images_bucket,
+            "HASHLAKE_INDEX_BUCKET": settings.index_bucket,
+            "HASHLAKE_REDIS_URL": settings.redis_url,
+            "HASHLAKE_STACK_DIR": str(tmp_path / "stack"),
+            "HASHLAKE_TORCH_THREADS": "1",
+            "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
+            "HASHLAKE_WORKER_METRICS_PORT": str(self.metrics_port),
+            **(env or {}),
+        }
+        celery = find_executable("celery", "install the project")
+        argv = [celery, "-A", "workers.celery_app", "worker", "--pool", "prefork", "--concurrency", "1",
+                "--hostname", f"{name}@%h", "--loglevel", "INFO", "--without-mingle", "--without-gossip",
+                "--without-heartbeat", *args]
+        self.service: Service = spawn(name, argv, self.log, env=worker_env, cwd=ROOT)
+        try:
+            wait_until(lambda: "ready." in self.text(), 90, f"celery worker {name}", self.service.proc, self.log)
+        except BaseException:
+            self.stop()
+            raise
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def child_pids(self) -> list[int]:
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.service.pid:  # field 4 of /proc/pid/stat: ppid
+                pids.append(int(stat.parent.name))
+        return pids
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def kill_node(self) -> None:
+        os.killpg(self.service.pid, signal.SIGKILL)  # main process and pool child, no cleanup
+        self.service.proc.wait(10)
+
+    def stop(self) -> None:
+        self.service.stop(grace_s=15)
+        if self.service.alive():
+            os.killpg(self.service.pid, signal.SIGKILL)
+
+
+def send(settings, task: str, batch: Batch) -> None:
+    app = make_app(settings)
+    try:
+        app.send_task(task, args=[batch.to_json()])
+    finally:
+        app.close()
+
+
+def upload_cifar(store, bucket, cifar_jpegs, start: int, n: int) -> list[ObjectRef]:
+    refs = []
+    for i in range(start, start + n):
+        _, label, body = cifar_jpegs[i]
+        etag = store.put(bucket, f"cifar/{i:04d}.jpg", body, metadata={"labels": str(label)})
+        refs.append(ObjectRef(bucket, f"cifar/{i:04d}.jpg", etag, len(body), "2026-11-22T10:00:00Z"))
+    return refs
+
+
+def wait_for_object(store, bucket, key, worker: Worker, timeout_s=60.0) -> None:
+    wait_until(lambda: store.exists(bucket, key), timeout_s, f"s3://{bucket}/{key}", worker.service.proc, worker.log)
+
+
+def rows(store, bucket, key) -> list[dict]:
+    return shards.read_parquet_bytes(store.get(bucket, key)[0]).to_pylist()
+
+
+def test_worker_indexes_batches_records_failures_and_exports_metrics(wsettings, store, tmp_path, cifar_jpegs):
+    s = wsettings
+    good = upload_cifar(store, s.images_bucket, cifar_jpegs, 0, 8)
+    store.put(s.images_bucket, "bad/notes.txt", b"not an image")
+    store.put(s.images_bucket, "bad/empty.jpg", b"")
+    bad = [ObjectRef(s.images_bucket, "bad/notes.txt"), ObjectRef(s.images_bucket, "bad/empty.jpg"),
+           ObjectRef(s.images_bucket, "bad/vanished.jpg")]
+    batch = Batch("encode", tuple(good + bad))
+
+    # No model yet: the batch must wait (retried with backoff), not be lost or recorded as failed.
+    worker = Worker(s, tmp_path, "w1", args=["--max-tasks-per-child", "1"])  # a fresh child per task
+    try:
+        wait_until(lambda: "has no model yet" in worker.text(), 30, "the pool child's start", worker.service.proc,
+                   worker.log)
+        send(s, ENCODE_TASK, batch)
+        wait_until(lambda: "no active model" in worker.text() and "Retry in" in worker.text(), 30,
+                   "a retry for the missing model", worker.service.proc, worker.log)
+        assert list(store.list(s.index_bucket, shards.FAILURES_PREFIX)) == []
+        card = init_model(s, "lsh_effnetlite0_64", img_size=IMG_SIZE, store=store)
+
+        codes_key = shards.codes_path(card.version, batch.batch_id)
+        wait_for_object(store, s.index_bucket, codes_key, worker)
+        send(s, ENCODE_TASK, Batch("encode", tuple(reversed(good + bad))))  # a duplicate: same batch id
+        delete = Batch("delete", (ObjectRef(s.images_bucket, "cifar/0000.jpg", event_time="2026-11-22T11:00:00Z"),))
+        send(s, TOMBSTONE_TASK, delete)
+        wait_for_object(store, s.index_bucket, shards.tombstones_path(delete.batch_id), worker)
+        wait_until(lambda: "succeeded" in worker.text() and worker.text().count(f"'batch_id': '{batch.batch_id}'") >= 2,
+                   30, "the duplicate batch", worker.service.proc, worker.log)
+
+        assert [o.key for o in store.list(s.index_bucket, shards.CODES_PREFIX)] == [codes_key]
+        codes = rows(store, s.index_bucket, codes_key)
+        assert sorted(r["key"] for r in codes) == sorted(r.key for r in good)
+        assert all(r["labels"] == [str(cifar_jpegs[int(r["key"][6:10])][1])] for r in codes)
+        failures = rows(store, s.index_bucket, shards.failures_path(card.version, batch.batch_id))
+        assert {f["key"]: f["reason"] for f in failures} == {
+            "bad/notes.txt": "not_an_image", "bad/empty.jpg": "empty", "bad/vanished.jpg": "missing"}
+        tomb = rows(store, s.index_bucket, shards.tombstones_path(delete.batch_id))
+        assert [(t["key"], t["deleted_at"].isoformat()) for t in tomb] == [("cifar/0000.jpg", "2026-11-22T11:00:00+00:00")]
+
+        # Every task ran in its own pool child (max-tasks-per-child 1): the sums prove no exited
+        # child's numbers were lost.
+        m = worker.metrics()
+        assert m[("hashlake_worker_images_encoded_total", (("model", card.version),))] == 16
+        assert m[("hashlake_worker_failures_total", (("reason", "missing"),))] == 2
+        assert m[("hashlake_worker_tombstones_total", (("bucket", s.images_bucket),))] == 1
+        for stage in ("read", "infer", "write"):
+            assert m[("hashlake_worker_stage_seconds_count", (("stage", stage),))] == 2
+        assert m[("hashlake_event_to_queryable_seconds_count", (("source", "enqueued"),))] == 2
+        assert m[("hashlake_event_to_queryable_seconds_count", (("source", "event"),))] == 16
+        assert m[("hashlake_worker_batches_total", (("kind", "encode"), ("outcome", "retry")))] >= 1
+    finally:
+        worker.stop()
+
+
+@pytest.fixture
+def model_card(wsettings, store):
+    return init_model(wsettings, "lsh_effnetlite0_64", img_size=IMG_SIZE, store=store)
+
+
+def wait_in_model_stage(worker: Worker, batch: Batch, times: int = 1) -> None:
+    """Block until the worker logs the test hook for ``batch``: read done, model stage running, nothing written."""
+    line = f"in the model stage of batch {batch.batch_id}"
+    wait_until(lambda: worker.text().count(line) >= times, 60, "the batch to reach the model stage",
+               worker.service.proc, worker.log)
+
+
+def test_sigkill_of_the_pool_child_mid_batch_loses_nothing(wsettings, store, model_card, tmp_path, cifar_jpegs):
+    s = wsettings
+    batch = Batch("encode", tuple(upload_cifar(store, s.images_bucket, cifar_jpegs, 20, 6)))
+    codes_key = shards.codes_path(model_card.version, batch.batch_id)
+    worker = Worker(s, tmp_path, "w2", env={TEST_INFER_DELAY_ENV: "2"})
+    try:
+        send(s, ENCODE_TASK, batch)
+        wait_in_model_stage(worker, batch)
+        [child] = worker.child_pids()
+        os.kill(child, signal.SIGKILL)
+        assert not store.exists(s.index_bucket, codes_key)  # killed before the write stage
+        # The main process sees the child die (WorkerLostError) and, with reject_on_worker_lost,
+        # requeues the message at once; the new child gets it again.
+        wait_in_model_stage(worker, batch, times=2)
+        wait_for_object(store, s.index_bucket, codes_key, worker)
+        assert "WorkerLostError" in worker.text()
+        assert sorted(r["key"] for r in rows(store, s.index_bucket, codes_key)) == sorted(o.key for o in batch.objects)
+    finally:
+        worker.stop()
+
+
+def test_sigkill_of_the_whole_node_mid_batch_loses_nothing(wsettings, store, model_card, tmp_path, cifar_jpegs):
+    # A short visibility timeout stands in for production's 15 min: the message of a dead node is
+    # requeued by the next worker's start-up sweep once it is older than that.
+    visibility_s = 4.0
+    s = wsettings
+    env = {"HASHLAKE_BROKER_VISIBILITY_TIMEOUT_S": str(visibility_s)}
+    batch = Batch("encode", tuple(upload_cifar(store, s.images_bucket, cifar_jpegs, 40, 6)))
+    codes_key = shards.codes_path(model_card.version, batch.batch_id)
+    broker = redis.Redis.from_url(s.redis_url)
+    first = Worker(s, tmp_path, "w3", env={**env, TEST_INFER_DELAY_ENV: "30"})
+    try:
+        send(s, ENCODE_TASK, batch)
+        wait_in_model_stage(first, batch)
+        delivered_at = time.time()
+        first.kill_node()
+    finally:
+        first.stop()
+    assert broker.hlen("unacked") == 1 and broker.llen("hashlake") == 0  # held by a node that is gone
+    assert not store.exists(s.index_bucket, codes_key)
+
+    time.sleep(max(0.0, delivered_at + visibility_s + 0.5 - time.time()))
+    second = Worker(s, tmp_path, "w4", env=env)
+    try:
+        wait_for_object(store, s.index_bucket, codes_key, second)
+        assert sorted(r["key"] for r in rows(store, s.index_bucket, codes_key)) == sorted(o.key for o in batch.objects)
+        assert broker.hlen("unacked") == 0
+    finally:
+        second.stop()
+
+
+def test_publish_to_a_dead_broker_fails_within_seconds(settings):
+    from kombu.exceptions import OperationalError
+
+    dead = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    app = make_app(dead)
+    started = time.monotonic()
+    try:
+        with pytest.raises(OperationalError):
+            app.send_task(ENCODE_TASK, args=[Batch("encode", (ObjectRef("images", "a.jpg", "e"),)).to_json()])
+    finally:
+        app.close()
+    assert time.monotonic() - started < 5.0
+
+
+def test_app_settings_are_the_delivery_contract(settings):
+    conf = make_app(settings).conf
+    assert conf.task_serializer == "json" and conf.accept_content == ["json"]
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
+    assert conf.broker_transport_options["visibility_timeout"] == settings.broker_visibility_timeout_s
+    assert conf.broker_connection_retry_on_startup
+
+
+def test_celery_app_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, workers.celery_app; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,10 @@
+"""The encode pipeline: read ▶ decode ▶ model ▶ pack ▶ write, each stage a plain callable.
+
+    rejects.py  why an image is refused (the reasons a ``failures`` row carries)
+    read.py     fetch objects concurrently from the store (a process-wide thread pool)
+    decode.py   bytes → RGB PIL image: EXIF orientation, pixel limit, bad input refused
+    model.py    the active model version, loaded once per process; batched forward → packed codes
+    write.py    codes / failures / tombstones shards, written whole under names derived from the batch
+    runner.py   ``encode_batch`` and ``tombstone_batch``: the sequential runner Celery tasks and
+                benchmarks call
+"""

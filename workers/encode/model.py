@@ -1,0 +1,123 @@
+"""Model stage: the active model version, loaded once per process, and the batched forward → packed codes.
+
+``ModelHandle`` follows the catalog's active pointer (or ``Settings.model_version`` when pinned):
+the pointer is one small GET, made at most every ``check_interval_s``, and the weights are only
+loaded again when it names another version. torch is imported inside the functions that need it,
+so that importing this module stays cheap.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hashing_models.codes import pack_signs
+from hashlake.catalog import Catalog, ModelCard
+from hashlake.config import Settings
+from hashlake.store import ObjectStore
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+# How stale the active pointer may be: a promotion reaches every worker within this many seconds,
+# at the cost of one GET of ~30 bytes per interval (not per batch).
+POINTER_CHECK_INTERVAL_S = 5.0
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    card: ModelCard
+    model: Any  # hashing_models HashModel (a torch.nn.Module in eval mode, on ``device``)
+    device: "torch.device"
+
+    @property
+    def version(self) -> str:
+        return self.card.version
+
+
+def resolve_device(setting: str) -> "torch.device":
+    """``Settings.device`` → a torch device: auto = the first CUDA device when present, else CPU."""
+    import torch
+
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"Settings.device is {setting!r} but torch sees no CUDA device; use 'auto' or 'cpu'")
+    return device
+
+
+def load_model(catalog: Catalog, version: str, device: "torch.device") -> LoadedModel:
+    """Build the card's architecture without pretrained weights and load the version's weights into it."""
+    from hashing_models.backbones.weights import load_into
+    from hashing_models import create_model
+
+    card = catalog.card(version)
+    model = create_model(card.arch, pretrained=False, img_size=card.input_size)
+    load_into(model, catalog.weights(version), f"model version {version!r}")  # strict; names bad keys
+    if model.bits != card.bits:
+        raise ValueError(f"model version {version!r}: card says {card.bits} bits, "
+                         f"architecture {card.arch!r} gives {model.bits}")
+    model.eval().to(device)
+    return LoadedModel(card, model, device)
+
+
+class ModelHandle:
+    """The model this process encodes with; ``current()`` is cheap to call once per batch."""
+
+    def __init__(self, settings: Settings, store: ObjectStore | None = None, *,
+                 check_interval_s: float = POINTER_CHECK_INTERVAL_S):
+        self.settings = settings
+        self.catalog = Catalog(store or ObjectStore(settings), settings)
+        self.check_interval_s = check_interval_s
+        self.device = resolve_device(settings.device)
+        self._loaded: LoadedModel | None = None
+        self._checked_at = float("-inf")  # time.monotonic() of the last pointer read
+        self._lock = threading.Lock()
+
+    def current(self) -> LoadedModel:
+        """The model of the wanted version, loading it if the pointer moved.
+
+        Raises ``hashlake.catalog.ModelNotFound`` when no version is active (or the pinned one is
+        missing): the caller retries later rather than dropping the batch.
+        """
+        with self._lock:
+            now = time.monotonic()
+            if self._loaded is None or now - self._checked_at >= self.check_interval_s:
+                wanted = self.settings.model_version or self.catalog.active()
+                if self._loaded is None or self._loaded.version != wanted:
+                    started = time.perf_counter()
+                    self._loaded = load_model(self.catalog, wanted, self.device)
+                    log.info("loaded model version %s (%s, %d bits, %d px) on %s in %.1f s", wanted,
+                             self._loaded.card.arch, self._loaded.card.bits, self._loaded.card.input_size,
+                             self.device, time.perf_counter() - started)
+                self._checked_at = now
+            return self._loaded
+
+
+def prepare(loaded: LoadedModel, images: list["Image.Image"]) -> "torch.Tensor":
+    """PIL images → the model's normalized input batch (B, 3, S, S), float32 on CPU."""
+    from hashing_models.preprocess import prepare_images
+
+    return prepare_images(images, loaded.model.input_config)
+
+
+def forward(loaded: LoadedModel, pixels: "torch.Tensor") -> "torch.Tensor":
+    """Batched forward in inference mode: (B, 3, S, S) → continuous hash outputs h (B, bits) on CPU."""
+    import torch
+
+    with torch.inference_mode():
+        out = loaded.model(pixels.to(loaded.device, non_blocking=True))
+    return out.h.float().cpu()
+
+
+def pack(h: "torch.Tensor") -> np.ndarray:
+    """Sign and pack per the codes contract: (B, bits) → (B, bits/8) uint8, bit i = h[:, i] > 0, MSB first."""
+    return pack_signs(h)

@@ -1,0 +1,53 @@
+"""Read stage: fetch a batch's objects from the store, concurrently, on one thread pool per process.
+
+The pool is created once per process (and per size) and reused by every batch: creating threads
+per batch costs ~1 ms per thread and, worse, warms no connection pool. Keyed by pid as well, since
+a pool created before a fork has no threads in the child.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+
+from minio.error import S3Error
+
+from hashlake.store import ObjectInfo, ObjectMissing, ObjectStore, ObjectTooLarge
+from workers.encode.rejects import EMPTY, MISSING, TOO_LARGE, UNREADABLE, ImageRejected
+from workers.messages import ObjectRef
+
+
+@dataclass(frozen=True)
+class Fetched:
+    ref: ObjectRef
+    body: bytes
+    info: ObjectInfo  # etag, size, last_modified and user metadata (labels) as the store has them now
+
+
+def read_object(store: ObjectStore, ref: ObjectRef, max_bytes: int) -> Fetched:
+    """One object's bytes and info. Raises ``ImageRejected`` (missing, too large, empty) for
+    permanent conditions; ``StoreUnavailable`` passes through so that the task is retried."""
+    try:
+        body, info = store.get(ref.bucket, ref.key, max_bytes=max_bytes)
+    except ObjectMissing as exc:
+        raise ImageRejected(MISSING, str(exc)) from None
+    except ObjectTooLarge as exc:
+        raise ImageRejected(TOO_LARGE, str(exc)) from None
+    except S3Error as exc:
+        # What ObjectStore leaves unmapped is neither "gone" nor "server down": a refusal to serve
+        # this object (AccessDenied, InvalidObjectState), permanent until someone changes it.
+        raise ImageRejected(UNREADABLE, f"s3://{ref.bucket}/{ref.key}: {exc.code}: {exc.message}") from None
+    if not body:
+        raise ImageRejected(EMPTY, f"s3://{ref.bucket}/{ref.key} is a zero-byte object")
+    return Fetched(ref, body, info)
+
+
+def io_pool(threads: int) -> ThreadPoolExecutor:
+    """The process's thread pool for downloads and decoding (``Settings.download_concurrency``)."""
+    return _pool(os.getpid(), threads)
+
+
+@lru_cache(maxsize=4)
+def _pool(pid: int, threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"hashlake-io-{pid}")

@@ -1,0 +1,42 @@
+"""Why an image was refused: the short reasons that ``failures`` rows carry, and the error that carries them.
+
+A refusal is permanent for that (bucket, key, etag): it becomes one row in the batch's failures
+shard and the rest of the batch is still indexed. Transient trouble (``StoreUnavailable``) is never
+a refusal: the task is retried instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from workers.messages import ObjectRef
+
+# The reasons, as written in failures.reason (and as the label of the failures metric).
+EMPTY = "empty"  # zero-byte object
+NOT_AN_IMAGE = "not_an_image"  # Pillow cannot identify the format
+TRUNCATED = "truncated"  # the header parses but the pixel data is cut short or corrupt
+TOO_MANY_PIXELS = "too_many_pixels"  # over Settings.max_image_pixels: a decompression bomb, refused unloaded
+TOO_LARGE = "too_large"  # over Settings.max_object_bytes, refused unread
+MISSING = "missing"  # the object vanished between the event and the read
+UNREADABLE = "unreadable"  # the store refuses to serve it (AccessDenied, an archived object, ...)
+REASONS = (EMPTY, NOT_AN_IMAGE, TRUNCATED, TOO_MANY_PIXELS, TOO_LARGE, MISSING, UNREADABLE)
+
+
+class ImageRejected(ValueError):
+    """An object that cannot be encoded, for a permanent ``reason`` (one of ``REASONS``)."""
+
+    def __init__(self, reason: str, detail: str):
+        if reason not in REASONS:
+            raise ValueError(f"unknown rejection reason {reason!r}; use one of {REASONS}")
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One refused object: becomes one row of failures/<model_version>/<batch_id>.parquet."""
+
+    ref: ObjectRef
+    etag: str  # the etag read from the store when known, else the event's
+    reason: str
+    detail: str

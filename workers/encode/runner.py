@@ -1,0 +1,179 @@
+"""The sequential runner: one batch through read ▶ decode ▶ model ▶ pack ▶ write, with per-stage timings.
+
+Celery task bodies call ``encode_batch`` / ``tombstone_batch``; so do the tests and the ingest
+benchmark, so all of them measure the same code. Reading, decoding and preparing run on the
+process's I/O thread pool (downloads wait on the network, Pillow releases the GIL while decoding);
+the forward runs on the calling thread with torch's own intra-op threads, starting on the first
+images that are ready, so the rest of the batch downloads while the model runs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+
+from hashlake.config import Settings
+from hashlake.store import ObjectStore
+from workers.encode import model as model_stage
+from workers.encode.decode import decode_image
+from workers.encode.model import LoadedModel, ModelHandle
+from workers.encode.read import Fetched, io_pool, read_object
+from workers.encode.rejects import Failure, ImageRejected
+from workers.encode.write import code_rows, parse_event_time, write_codes, write_failures, write_tombstones
+from workers.messages import Batch, ObjectRef
+
+log = logging.getLogger(__name__)
+
+# Test hook: seconds to sleep at the start of the model stage, so that a test can kill a worker
+# while a batch is provably in flight (read done, nothing written). Never set in production.
+TEST_INFER_DELAY_ENV = "HASHLAKE_TEST_INFER_DELAY_S"
+
+# Smallest forward started while downloads are still arriving. On CPU, EfficientNet-Lite0's
+# images/s is flat from batch ~8 up (measured at 64–128 px), so chunks of ≥ 8 cost no throughput
+# and let the rest of the batch download during the forward.
+MIN_FORWARD_CHUNK = 8
+
+
+@dataclass
+class EncodeResult:
+    batch_id: str
+    model_version: str
+    encoded: int  # rows in the codes shard
+    failures_by_reason: dict[str, int]  # rows in the failures shard, by reason
+    read_s: float  # from the batch's start until its last object was read, decoded and prepared (wall)
+    infer_s: float  # forward + sign/pack, summed over the chunks (overlaps read_s)
+    write_s: float  # shards built and written whole
+    codes_key: str | None  # None when every object failed
+    failures_key: str | None  # None when none failed
+    written_at: float  # epoch s when the last shard was written: the batch is queryable from then
+    event_times: list[float] = field(default_factory=list)  # epoch s of the encoded objects' events, when known
+
+    @property
+    def failed(self) -> int:
+        return sum(self.failures_by_reason.values())
+
+    def summary(self) -> dict:
+        """JSON-safe digest, for logs and the task's return value."""
+        return {"batch_id": self.batch_id, "model": self.model_version, "encoded": self.encoded,
+                "failed": self.failures_by_reason, "read_s": round(self.read_s, 4),
+                "infer_s": round(self.infer_s, 4), "write_s": round(self.write_s, 4)}
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    fetched: Fetched
+    pixels: "object"  # torch.Tensor (1, 3, S, S), the image prepared for the model
+
+
+def unique_refs(objects: tuple[ObjectRef, ...]) -> list[ObjectRef]:
+    """One ref per (bucket, key), first seen first: a read returns the object's current version
+    whatever etag the event named, so a second ref to the same key would only duplicate a row."""
+    seen: dict[tuple[str, str], ObjectRef] = {}
+    for ref in objects:
+        seen.setdefault((ref.bucket, ref.key), ref)
+    return list(seen.values())
+
+
+def load_one(store: ObjectStore, settings: Settings, loaded: LoadedModel, ref: ObjectRef) -> _Loaded:
+    """Read ▶ decode ▶ prepare one object (runs on an I/O thread)."""
+    fetched = read_object(store, ref, settings.max_object_bytes)
+    image = decode_image(fetched.body, settings.max_image_pixels, name=f"s3://{ref.bucket}/{ref.key}")
+    return _Loaded(fetched, model_stage.prepare(loaded, [image]))
+
+
+def encode_batch(batch: Batch, settings: Settings, model_handle: ModelHandle, *,
+                 store: ObjectStore | None = None) -> EncodeResult:
+    """Encode every object of ``batch`` into codes/<model>/<batch_id>.parquet; refused objects go to
+    failures/<model>/<batch_id>.parquet.
+
+    Raises ``ModelNotFound`` (no active model) before reading anything, and ``StoreUnavailable``
+    when the store does not answer: both mean "retry the whole batch later"; nothing half-done is
+    visible, since shards are only written at the end.
+    """
+    if batch.kind != "encode":
+        raise ValueError(f"encode_batch got a {batch.kind!r} batch {batch.batch_id}; deletes go to tombstone_batch")
+    store = store or model_handle.catalog.store
+    loaded = model_handle.current()
+    batch_id = batch.batch_id
+
+    # 1+2) read ▶ decode ▶ prepare on the I/O threads, the forward overlapping them
+    refs = unique_refs(batch.objects)
+    ok, failures, codes, read_s, infer_s = _read_and_encode(refs, store, settings, loaded, batch_id)
+
+    # 3) write whole shards under names derived from the batch
+    started = time.perf_counter()
+    now = datetime.now(timezone.utc)
+    bucket = settings.index_bucket
+    codes_key = failures_key = None
+    if ok:
+        fetched = [item.fetched for item in ok]
+        codes_key = write_codes(store, bucket, loaded.card, batch_id, code_rows(fetched, now), codes)
+    if failures:
+        failures_key = write_failures(store, bucket, loaded.version, batch_id, failures, now)
+    write_s = time.perf_counter() - started
+
+    event_times = [_epoch(item.fetched.ref.event_time) for item in ok if item.fetched.ref.event_time]
+    return EncodeResult(batch_id, loaded.version, len(ok), dict(Counter(f.reason for f in failures)),
+                        read_s, infer_s, write_s, codes_key, failures_key, time.time(), event_times)
+
+
+def _read_and_encode(refs: list[ObjectRef], store: ObjectStore, settings: Settings, loaded: LoadedModel,
+                     batch_id: str) -> tuple[list[_Loaded], list[Failure], np.ndarray, float, float]:
+    """Load every ref on the I/O pool; forward the images as they arrive, in chunks of at least
+    ``MIN_FORWARD_CHUNK`` (or whatever remains): the downloads still running overlap the forward.
+
+    Returns (loaded, failures, codes (N, bits/8) in the order of loaded, read_s, infer_s).
+    """
+    import torch
+
+    started = time.perf_counter()
+    pool = io_pool(settings.download_concurrency)
+    futures = [pool.submit(load_one, store, settings, loaded, ref) for ref in refs]
+    ok: list[_Loaded] = []
+    failures: list[Failure] = []
+    pending: list[_Loaded] = []  # loaded, not yet through the model
+    chunks: list[np.ndarray] = []
+    read_s = infer_s = 0.0
+    for i, (ref, future) in enumerate(zip(refs, futures)):
+        try:
+            item = future.result()  # StoreUnavailable propagates: the whole batch is retried
+            ok.append(item)
+            pending.append(item)
+        except ImageRejected as exc:
+            failures.append(Failure(ref, ref.etag, exc.reason, exc.detail))
+        last = i == len(refs) - 1
+        if last:
+            read_s = time.perf_counter() - started
+        if pending and (last or (len(pending) >= MIN_FORWARD_CHUNK and not futures[i + 1].done())):
+            forward_started = time.perf_counter()
+            if not chunks:
+                _test_delay(batch_id)
+            pixels = torch.cat([item.pixels for item in pending])  # (n, 3, S, S)
+            chunks.append(model_stage.pack(model_stage.forward(loaded, pixels)))  # (n, bits/8) uint8
+            infer_s += time.perf_counter() - forward_started
+            pending = []
+    codes = np.concatenate(chunks) if chunks else np.zeros((0, loaded.card.bits // 8), np.uint8)
+    return ok, failures, codes, read_s, infer_s
+
+
+def tombstone_batch(batch: Batch, settings: Settings, store: ObjectStore) -> str:
+    """Write tombstones/<batch_id>.parquet for a delete batch; return its key."""
+    if batch.kind != "delete":
+        raise ValueError(f"tombstone_batch got a {batch.kind!r} batch {batch.batch_id}; encodes go to encode_batch")
+    return write_tombstones(store, settings.index_bucket, batch, datetime.now(timezone.utc))
+
+
+def _epoch(event_time: str) -> float:
+    return parse_event_time(event_time).timestamp()
+
+
+def _test_delay(batch_id: str) -> None:
+    delay = os.environ.get(TEST_INFER_DELAY_ENV)
+    if delay:
+        log.warning("test hook %s: sleeping %s s in the model stage of batch %s", TEST_INFER_DELAY_ENV, delay, batch_id)
+        time.sleep(float(delay))
