@@ -189,7 +189,8 @@ def _start_worker(index: int, settings: Settings, env: dict, root: Path) -> Serv
                 root / "logs" / f"worker{index}.log",
                 env={**env, "PROMETHEUS_MULTIPROC_DIR": str(multiproc), "HASHLAKE_WORKER_METRICS_PORT": str(port)},
                 port=port)
-    wait_until(lambda: "ready." in svc.log.read_text(errors="replace"), 180, f"celery worker{index}",
+    # "ready with model" is logged by the pool child once the model is loaded (workers/tasks.py).
+    wait_until(lambda: "ready with model" in svc.log.read_text(errors="replace"), 240, f"celery worker{index}",
                svc.proc, svc.log)
     return svc
 

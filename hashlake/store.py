@@ -32,6 +32,11 @@ class StoreUnavailable(StoreError):
     """The server could not be reached or answered 5xx: transient, retry with backoff."""
 
 
+class ObjectRefused(StoreError):
+    """The server refuses this object (AccessDenied, InvalidObjectState, ...): permanent until
+    someone changes its permissions or state, so it is recorded, not retried."""
+
+
 _MISSING_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "NoSuchVersion"}
 
 
@@ -158,7 +163,7 @@ class ObjectStore:
                     raise ObjectMissing(f"{self.where}: {exc.code}") from exc
                 if exc.code in ("SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"):
                     raise StoreUnavailable(f"{self.where}: {exc.code}") from exc
-                return False
+                raise ObjectRefused(f"{self.where}: {exc.code}: {exc.message}") from exc
             if isinstance(exc, (urllib3.exceptions.HTTPError, OSError)):
                 raise StoreUnavailable(f"{self.where}: object store unreachable ({exc.__class__.__name__}: {exc})") from exc
             return False

@@ -11,9 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
-from minio.error import S3Error
-
-from hashlake.store import ObjectInfo, ObjectMissing, ObjectStore, ObjectTooLarge
+from hashlake.store import ObjectInfo, ObjectMissing, ObjectRefused, ObjectStore, ObjectTooLarge
 from workers.encode.rejects import EMPTY, MISSING, TOO_LARGE, UNREADABLE, ImageRejected
 from workers.messages import ObjectRef
 
@@ -34,10 +32,8 @@ def read_object(store: ObjectStore, ref: ObjectRef, max_bytes: int) -> Fetched:
         raise ImageRejected(MISSING, str(exc)) from None
     except ObjectTooLarge as exc:
         raise ImageRejected(TOO_LARGE, str(exc)) from None
-    except S3Error as exc:
-        # What ObjectStore leaves unmapped is neither "gone" nor "server down": a refusal to serve
-        # this object (AccessDenied, InvalidObjectState), permanent until someone changes it.
-        raise ImageRejected(UNREADABLE, f"s3://{ref.bucket}/{ref.key}: {exc.code}: {exc.message}") from None
+    except ObjectRefused as exc:
+        raise ImageRejected(UNREADABLE, str(exc)) from None
     if not body:
         raise ImageRejected(EMPTY, f"s3://{ref.bucket}/{ref.key} is a zero-byte object")
     return Fetched(ref, body, info)
