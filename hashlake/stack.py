@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -84,6 +85,9 @@ def _toml_value(value) -> str:
 
 
 def write_config(path: Path, values: dict) -> None:
+    """Write ``values`` as TOML, readable by this user only: it holds the stack's secrets."""
+    path.touch(mode=0o600)
+    path.chmod(0o600)
     path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()))
 
 
@@ -111,6 +115,7 @@ def up(settings: Settings, options: StackOptions = StackOptions(), log=print) ->
             "s3_endpoint": f"http://127.0.0.1:{started[1].port}",
             "s3_access_key": "hashlake-local",
             "s3_secret_key": "hashlake-local-secret",
+            "webhook_token": secrets.token_urlsafe(24),
             "redis_url": f"redis://127.0.0.1:{started[0].port}/0",
             "webhook_port": free_port(),
             "metrics_port": free_port(),
