@@ -17,15 +17,12 @@ event a MinIO server would send (same schema, bearer token) to the intake. Print
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 import urllib.request
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -40,21 +37,10 @@ from hashlake.datasets import SAMPLE, iter_images  # noqa: E402
 from hashlake.shards import CODES_PREFIX, read_parquet_bytes  # noqa: E402
 from hashlake.store import ObjectStore  # noqa: E402
 from hashlake.upload import upload_one  # noqa: E402
+from workers.intake.events import minio_record, webhook_body  # noqa: E402
 
 CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10.parquet"
 WEBHOOK_PATH = "/minio/events"
-
-
-def minio_put_event(bucket: str, key: str, etag: str, size: int) -> dict:
-    """The body a MinIO notify_webhook target POSTs for one s3:ObjectCreated:Put."""
-    now = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    record = {"eventVersion": "2.0", "eventSource": "minio:s3", "awsRegion": "", "eventTime": now,
-              "eventName": "s3:ObjectCreated:Put",
-              "s3": {"s3SchemaVersion": "1.0", "configurationId": "Config",
-                     "bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"},
-                     "object": {"key": urllib.parse.quote_plus(key), "size": size, "eTag": etag,
-                                "contentType": "image/jpeg", "sequencer": f"{time.time_ns():X}"}}}
-    return {"EventName": "s3:ObjectCreated:Put", "Key": f"{bucket}/{key}", "Records": [record]}
 
 
 class Uploader:
@@ -68,7 +54,8 @@ class Uploader:
     def put(self, image) -> tuple[str, str, float]:
         t0 = time.time()
         etag = upload_one(self.store, self.settings.images_bucket, image)
-        body = json.dumps(minio_put_event(self.settings.images_bucket, image.name, etag, len(image.body))).encode()
+        body = webhook_body([minio_record("s3:ObjectCreated:Put", self.settings.images_bucket, image.name,
+                                          etag=etag, size=len(image.body))])
         req = urllib.request.Request(self.url, data=body, method="POST", headers={
             "Content-Type": "application/json",
             "Authorization": f"Bearer {self.settings.webhook_token.get_secret_value()}"})

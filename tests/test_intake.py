@@ -412,3 +412,22 @@ def test_redis_consumer_backs_off_while_redis_is_down_and_resumes(intake_setting
         consumer.join(10)
         client.close()
         broker.stop()
+
+
+def test_event_builders_match_the_minio_samples_and_the_parsers():
+    """The builders that stand in for MinIO (stack tests, ingest benchmark) produce what the parsers read,
+    in the shape of the shared samples."""
+    from workers.intake.events import (minio_record, parse_access_element, parse_webhook_body,
+                                       redis_access_element, webhook_body)
+
+    if not EVENTS.exists():
+        pytest.skip(f"MinIO event samples not found in {EVENTS}")
+    put = minio_record("s3:ObjectCreated:Put", "images", "cats/tabby 01.jpg", etag="9b2c", size=2417)
+    sample = json.loads((EVENTS / "webhook-put.json").read_text())["Records"][0]
+    assert put["s3"]["object"]["key"] == sample["s3"]["object"]["key"] == "cats%2Ftabby+01.jpg"
+    assert set(put) <= set(sample)
+    (event,) = parse_webhook_body(webhook_body([put])).events
+    assert (event.kind, event.ref.key, event.ref.etag, event.ref.size) == ("encode", "cats/tabby 01.jpg", "9b2c", 2417)
+    delete = minio_record("s3:ObjectRemoved:Delete", "images", "a+b c.jpg")
+    (event,) = parse_access_element(redis_access_element([delete])).events
+    assert (event.kind, event.ref.key, event.ref.etag) == ("delete", "a+b c.jpg", "")

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime
-from urllib.parse import unquote_plus
+from datetime import datetime, timezone
+from urllib.parse import quote_plus, unquote_plus
 
 from workers.messages import ObjectRef
 
@@ -164,3 +164,30 @@ def _load_json(raw: bytes | str, what: str) -> object:
 
 def _type(value: object) -> str:
     return "null" if value is None else type(value).__name__
+
+
+# -- what MinIO sends, for callers that stand in for a MinIO server (tests, the ingest benchmark) --
+def minio_record(event_name: str, bucket: str, key: str, *, etag: str | None = None, size: int | None = None,
+                 event_time: datetime | None = None) -> dict:
+    """One S3-compatible record as MinIO writes it: the key query-escaped (``/`` → ``%2F``, space → ``+``);
+    ``eTag`` and ``size`` only for created objects."""
+    when = (event_time or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    obj: dict = {"key": quote_plus(key), "sequencer": f"{int(when.timestamp() * 1e9):X}"}
+    if etag is not None:
+        obj.update({"eTag": etag, "size": size or 0, "contentType": "image/jpeg"})
+    return {"eventVersion": "2.0", "eventSource": "minio:s3", "awsRegion": "",
+            "eventTime": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"), "eventName": event_name,
+            "s3": {"s3SchemaVersion": "1.0", "configurationId": "Config",
+                   "bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"}, "object": obj}}
+
+
+def webhook_body(records: list[dict]) -> bytes:
+    """The body a ``notify_webhook`` target POSTs."""
+    first = records[0]
+    key = f"{first['s3']['bucket']['name']}/{unquote_plus(first['s3']['object']['key'])}"
+    return json.dumps({"EventName": first["eventName"], "Key": key, "Records": records}).encode()
+
+
+def redis_access_element(records: list[dict]) -> bytes:
+    """The element a ``notify_redis`` target with ``format=access`` RPUSHes."""
+    return json.dumps([{"Event": records, "EventTime": records[0]["eventTime"]}]).encode()
