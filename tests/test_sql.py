@@ -1,0 +1,162 @@
+"""hashlake.sql against a real S3 endpoint (moto_server) and a local folder: the codes/failures views,
+search/within/hamming in SQL agreeing with each other and with brute force, hex and BLOB queries,
+batches crossing the 2,048-row vector, refresh, and hash_image with a published model."""
+from __future__ import annotations
+
+import io
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from hashing_models.codes import hamming_reference
+from hashlake import sql
+from hashlake.shards import (FAILURES_SCHEMA, TOMBSTONES_SCHEMA, ShardMeta, build_codes_table, codes_path,
+                             failures_path, to_parquet_bytes, tombstones_path)
+
+T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
+VERSION = "v1"
+N = 2500  # crosses DuckDB's 2,048-row vector
+
+
+def codes_shard(keys: list[str], codes: np.ndarray, minutes: int = 1, version: str = VERSION) -> bytes:
+    rows = [dict(key=k, bucket="images", etag=f"etag-{k}-{minutes}", size=10,
+                 last_modified=T0 + timedelta(minutes=minutes), encoded_at=T0 + timedelta(hours=1),
+                 labels=["cat"]) for k in keys]
+    return to_parquet_bytes(build_codes_table(rows, codes, ShardMeta(version, codes.shape[1] * 8, "test")))
+
+
+def random_codes(n: int, bits: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    pool = rng.integers(0, 256, (n // 4 + 1, bits // 8), dtype=np.uint8)  # duplicates make ties
+    return pool[rng.integers(0, len(pool), n)]
+
+
+@pytest.fixture
+def loaded(settings, store):
+    """The index bucket with two codes shards (one overwrites key k00001), a tombstone and a failure."""
+    codes = random_codes(N, 64)
+    keys = [f"k{i:05d}" for i in range(N)]
+    bucket = settings.index_bucket
+    store.put_whole(bucket, codes_path(VERSION, "a"), codes_shard(keys[:2000], codes[:2000]))
+    store.put_whole(bucket, codes_path(VERSION, "b"), codes_shard(keys[2000:] + ["k00001"],
+                                                                  np.concatenate([codes[2000:], codes[:1]]), 9))
+    tomb = pa.table({"key": ["k00002"], "bucket": ["images"], "deleted_at": [T0 + timedelta(minutes=5)]},
+                    schema=TOMBSTONES_SCHEMA)
+    store.put_whole(bucket, tombstones_path("t"), to_parquet_bytes(tomb))
+    fail = pa.table({"key": ["bad.jpg"], "bucket": ["images"], "etag": ["e"], "reason": ["not_an_image"],
+                     "detail": ["cannot identify image"], "model": [VERSION], "failed_at": [T0]}, schema=FAILURES_SCHEMA)
+    store.put_whole(bucket, failures_path(VERSION, "a"), to_parquet_bytes(fail))
+    return codes
+
+
+def test_views_and_functions_over_the_store(settings, loaded):
+    con = sql.connect(settings, model_version=VERSION)
+    assert con.sql("SELECT count(*) FROM codes").fetchone()[0] == N - 1  # k00002 is deleted
+    assert con.sql("SELECT etag FROM codes WHERE key = 'k00001'").fetchone()[0] == "etag-k00001-9"
+    assert con.sql("SELECT reason FROM failures").fetchall() == [("not_an_image",)]
+
+    q = loaded[7].tobytes()
+    by_sql = con.execute("SELECT bucket, key, etag, hamming(code, ?) AS d FROM codes "
+                         "ORDER BY d, bucket, key LIMIT 25", [q]).fetchall()
+    assert con.execute("SELECT bucket, key, etag, distance FROM search(?, 25)", [q]).fetchall() == by_sql
+    assert con.execute("SELECT bucket, key, etag, distance FROM search(?, 25)", [q.hex()]).fetchall() == by_sql
+    assert [tuple(h) for h in sql.search_codes(con, q, 25)] == by_sql
+
+    radius_rows = con.execute("SELECT key, hamming(code, ?) AS d FROM codes WHERE hamming(code, ?) <= 20 "
+                              "ORDER BY d, bucket, key", [q, q]).fetchall()
+    assert con.execute("SELECT key, distance FROM within(?, 20)", [q]).fetchall() == radius_rows
+    joined = con.execute("SELECT s.key, c.labels FROM search(?, 3) s JOIN codes c USING (bucket, key) "
+                         "ORDER BY s.distance, s.key", [q]).fetchall()
+    assert [r[1] for r in joined] == [["cat"]] * 3
+
+    with pytest.raises(Exception, match="query code has 128 bits but the index .* holds 64-bit codes"):
+        con.execute("SELECT * FROM search(?, 3)", [b"\x00" * 16]).fetchall()
+    with pytest.raises(Exception, match="different lengths, 64 bits and 16 bits"):
+        con.execute("SELECT hamming(code, 'ffff') FROM codes").fetchall()
+
+
+def test_batch_across_vectors_equals_single_queries(settings, loaded):
+    con = sql.connect(settings, model_version=VERSION)
+    queries = random_codes(3000, 64, seed=1)
+    con.register("queries", pa.table({"qid": np.arange(3000), "code": pa.array([q.tobytes() for q in queries])}))
+    batch = con.execute("SELECT q.qid, s.distance FROM queries q, LATERAL search(q.code, 4) s "
+                        "ORDER BY q.qid, s.distance").fetchall()
+    base = np.stack([np.frombuffer(c, np.uint8) for (c,) in con.sql("SELECT code FROM codes").fetchall()])
+    expected = np.sort(hamming_reference(queries, base), axis=1)[:, :4]
+    got = np.array([d for _, d in batch]).reshape(3000, 4)
+    assert (got == expected).all()
+
+
+def test_hamming_sums_long_codes_without_overflow(settings, loaded):
+    con = sql.connect(settings, model_version=VERSION)
+    assert con.sql("SELECT hamming(unhex(repeat('ff', 32)), repeat('00', 32))").fetchone()[0] == 256
+    assert con.sql("SELECT hamming('0f', unhex('f0'))").fetchone()[0] == 8
+
+
+def test_refresh_moves_a_connection_to_new_shards(settings, store, loaded):
+    first = sql.connect(settings, model_version=VERSION)
+    store.put_whole(settings.index_bucket, codes_path(VERSION, "c"), codes_shard(["new"], loaded[:1], 3))
+    second = sql.connect(settings, model_version=VERSION)  # sees the new shard
+    assert second.sql("SELECT count(*) FROM codes").fetchone()[0] == N
+    assert first.sql("SELECT count(*) FROM codes").fetchone()[0] == N - 1  # pinned to its snapshot
+    assert "new" not in {h.key for h in sql.within_codes(first, loaded[0].tobytes(), 0)}
+    snapshot = sql.refresh(first)
+    assert snapshot.rows == N
+    assert "new" in {h.key for h in sql.within_codes(first, loaded[0].tobytes(), 0)}
+    assert sql._state(first).index is sql._state(second).index  # one index per process
+
+
+def test_local_folder_mode(tmp_path):
+    codes = random_codes(300, 32)
+    path = tmp_path / codes_path("only", "a")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(codes_shard([f"k{i}" for i in range(300)], codes, version="only"))
+    con = sql.connect(local_dir=tmp_path)  # the folder's only version
+    assert con.sql("SELECT count(*) FROM codes").fetchone()[0] == 300
+    assert con.sql("SELECT count(*) FROM failures").fetchone()[0] == 0
+    got = con.execute("SELECT distance FROM search(?, 5)", [codes[3].tobytes()]).fetchall()
+    assert [d for (d,) in got] == sorted(hamming_reference(codes[3:4], codes)[0])[:5]
+    with pytest.raises(ValueError, match="cannot tell which model version"):
+        (tmp_path / "codes" / "second").mkdir()
+        sql.connect(local_dir=tmp_path)
+
+
+def test_empty_index_answers_nothing(settings, store):
+    con = sql.connect(settings, model_version="empty")
+    assert con.sql("SELECT count(*) FROM codes").fetchone()[0] == 0
+    assert con.sql("SELECT * FROM search('00ff00ff00ff00ff', 10)").fetchall() == []
+    assert con.sql("SELECT * FROM within('00ff', 3)").fetchall() == []
+
+
+def test_hash_image_uses_the_active_model(settings, store, tmp_path):
+    from PIL import Image
+
+    from hashing_models.preprocess import prepare_images
+    from hashing_models.registry import create_model
+    from hashlake.catalog import Catalog, ModelCard
+
+    model = create_model("lsh_effnetlite0_64", pretrained=False, img_size=32)
+    card = ModelCard(version="lsh-test", arch="lsh_effnetlite0_64", method="lsh", backbone="effnetlite0", bits=64,
+                     input_size=32, description="random weights, for tests")
+    catalog = Catalog(store, settings)
+    catalog.publish(card, model.state_dict())
+    catalog.activate("lsh-test")
+
+    image = Image.new("RGB", (40, 30), (200, 30, 30))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    expected = model.encode(prepare_images([Image.open(io.BytesIO(buf.getvalue()))], model.input_config))[0]
+    image_path = tmp_path / "red.png"
+    image_path.write_bytes(buf.getvalue())
+    store.put_whole(settings.index_bucket, codes_path("lsh-test", "a"),
+                    codes_shard(["red.png", "other.png"], np.stack([expected, ~expected]), version="lsh-test"))
+
+    con = sql.connect(settings)  # follows the active pointer
+    assert con.execute("SELECT hash_image(?)", [buf.getvalue()]).fetchone()[0] == expected.tobytes()
+    assert sql.hash_image(con, image_path) == expected.tobytes()
+    hits = con.execute("SELECT key, distance FROM search(hash_image(?), 2)", [str(image_path)]).fetchall()
+    assert hits == [("red.png", 0), ("other.png", 64)]
+    with pytest.raises(Exception, match="is not a file"):
+        con.execute("SELECT hash_image('/nonexistent.jpg')").fetchall()
