@@ -16,6 +16,7 @@ from rich.table import Table
 from hashlake import stack
 from hashlake.config import Settings
 from hashlake.datasets import SAMPLE, iter_images
+from hashlake.sql import connect, refresh
 from hashlake.store import ObjectStore
 from hashlake.upload import upload_all
 
@@ -39,8 +40,6 @@ def run_demo(dataset: Path | None, limit: int, workers: int, keep: bool, console
 
 
 def _demo(settings: Settings, dataset: Path, limit: int, console: Console) -> None:
-    from hashlake.sql import connect
-
     store = ObjectStore(settings)
     images = list(iter_images(dataset, limit=limit))
     console.print(f"uploading {len(images)} images from {dataset} to s3://{settings.images_bucket}/")
@@ -71,12 +70,14 @@ def _demo(settings: Settings, dataset: Path, limit: int, console: Console) -> No
 
 
 def _wait_indexed(con, expected: set[tuple[str, str, str]], console: Console) -> tuple[int, int]:
-    """Poll the ``codes`` and ``failures`` views until every uploaded version is in one of them."""
+    """Poll the ``codes`` and ``failures`` views until every uploaded version is in one of them
+    (``refresh`` moves the connection onto the shards written since the last poll)."""
     deadline = time.monotonic() + INDEX_TIMEOUT_S
     columns = (TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("indexing", total=len(expected))
         while True:
+            refresh(con)
             done_codes = set(con.execute("SELECT bucket, key, etag FROM codes").fetchall())
             done_failed = set(con.execute("SELECT bucket, key, etag FROM failures").fetchall())
             indexed, failed = len(expected & done_codes), len(expected & done_failed)

@@ -194,9 +194,10 @@ def _start_worker(index: int, settings: Settings, env: dict, root: Path) -> Serv
                 root / "logs" / f"worker{index}.log",
                 env={**env, "PROMETHEUS_MULTIPROC_DIR": str(multiproc), "HASHLAKE_WORKER_METRICS_PORT": str(port)},
                 port=port)
-    # "ready with model" is logged by the pool child once the model is loaded (workers/tasks.py).
-    wait_until(lambda: "ready with model" in svc.log.read_text(errors="replace"), 240, f"celery worker{index}",
-               svc.proc, svc.log)
+    # Ready = the pool child logged "ready with model" (workers/tasks.py) and the node's main process
+    # serves its metrics (it starts the exporter at Celery's worker_ready, which may come later).
+    wait_until(lambda: "ready with model" in svc.log.read_text(errors="replace") and port_open(port), 240,
+               f"celery worker{index}", svc.proc, svc.log)
     return svc
 
 
