@@ -20,7 +20,6 @@ the wrong length is an error naming both lengths. Many queries at once, one kern
 """
 from __future__ import annotations
 
-import io
 import json
 import threading
 import weakref
@@ -293,16 +292,12 @@ class _ImageHasher:
         self._lock = threading.Lock()
 
     def code(self, image: bytes | str | Path) -> bytes:
-        from PIL import Image
-
+        from hashing_models.decode import decode_image
         from hashing_models.preprocess import prepare_images
 
         body = self._read(image)
-        try:
-            picture = Image.open(io.BytesIO(body))
-            picture.load()
-        except Exception as exc:  # PIL raises many types for undecodable input
-            raise ValueError(f"hash_image: {_describe(image)} is not a readable image ({exc})") from None
+        # The workers' decoder (EXIF orientation, RGB, pixel limit): a query gets its stored copy's code.
+        picture = decode_image(body, self.settings.max_image_pixels, name=f"hash_image: {_describe(image)}")
         model = self._load()
         return model.encode(prepare_images([picture], model.input_config))[0].tobytes()
 

@@ -1,4 +1,5 @@
-"""Encode stages tested alone: decode (orientation, modes, bad input), read (the store's refusals), write."""
+"""Encode stages tested alone: decode (hashing_models.decode: orientation, modes, bad input), read (the
+store's refusals), write."""
 from __future__ import annotations
 
 import io
@@ -12,7 +13,7 @@ from PIL import Image
 
 from hashlake import shards
 from hashlake.catalog import ModelCard
-from workers.encode.decode import decode_image
+from hashing_models.decode import UndecodableImage, decode_image
 from workers.encode.read import io_pool, read_object
 from workers.encode.rejects import (EMPTY, MISSING, NOT_AN_IMAGE, TOO_LARGE, TOO_MANY_PIXELS, TRUNCATED, UNREADABLE,
                                     Failure, ImageRejected)
@@ -77,7 +78,7 @@ def test_palette_with_transparency_becomes_rgb():
 def test_decompression_bomb_refused_from_the_header(width, height):
     # Between our limit and Pillow's (10k²), and above Pillow's own error threshold (100k²). The pixel
     # data is one byte: loading would fail as truncated, so too_many_pixels shows nothing was decoded.
-    with pytest.raises(ImageRejected) as info:
+    with pytest.raises(UndecodableImage) as info:
         decode_image(png_with_size(width, height), LIMIT, name="bomb.png")
     assert info.value.reason == TOO_MANY_PIXELS and "bomb.png" in str(info.value)
 
@@ -85,22 +86,22 @@ def test_decompression_bomb_refused_from_the_header(width, height):
 def test_pixel_limit_is_the_setting():
     body = jpeg_bytes(size=(100, 100))
     assert decode_image(body, 10_000).size == (100, 100)
-    with pytest.raises(ImageRejected, match="over the limit of 9999"):
+    with pytest.raises(UndecodableImage, match="over the limit of 9999"):
         decode_image(body, 9_999)
 
 
 def test_truncated_jpeg_refused():
     body = encoded(Image.effect_noise((256, 256), 64).convert("RGB"), "JPEG")
-    with pytest.raises(ImageRejected) as info:
+    with pytest.raises(UndecodableImage) as info:
         decode_image(body[: len(body) // 2], LIMIT)
     assert info.value.reason == TRUNCATED
 
 
 def test_zero_bytes_and_not_an_image_refused():
-    with pytest.raises(ImageRejected) as info:
+    with pytest.raises(UndecodableImage) as info:
         decode_image(b"", LIMIT)
     assert info.value.reason == EMPTY
-    with pytest.raises(ImageRejected) as info:
+    with pytest.raises(UndecodableImage) as info:
         decode_image(b"%PDF-1.4 not an image at all" * 10, LIMIT)
     assert info.value.reason == NOT_AN_IMAGE
 

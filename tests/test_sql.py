@@ -160,3 +160,34 @@ def test_hash_image_uses_the_active_model(settings, store, tmp_path):
     assert hits == [("red.png", 0), ("other.png", 64)]
     with pytest.raises(Exception, match="is not a file"):
         con.execute("SELECT hash_image('/nonexistent.jpg')").fetchall()
+
+
+def test_hash_image_decodes_like_the_workers(settings, store):
+    """EXIF orientation, mode conversion and refusals are the encode workers' (hashing_models.decode)."""
+    from PIL import Image
+
+    from hashing_models.decode import decode_image
+    from hashing_models.preprocess import prepare_images
+    from hashing_models.registry import create_model
+    from hashlake.catalog import Catalog, ModelCard
+
+    model = create_model("lsh_effnetlite0_64", pretrained=False, img_size=32)
+    card = ModelCard(version="lsh-exif", arch="lsh_effnetlite0_64", method="lsh", backbone="effnetlite0", bits=64,
+                     input_size=32, description="random weights, for tests")
+    catalog = Catalog(store, settings)
+    catalog.publish(card, model.state_dict())
+    catalog.activate("lsh-exif")
+    image = Image.new("RGB", (40, 20), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", exif=exif, quality=95)
+    upright = decode_image(buf.getvalue(), settings.max_image_pixels)
+    assert upright.size == (20, 40)
+    expected = model.encode(prepare_images([upright], model.input_config))[0].tobytes()
+
+    con = sql.connect(settings)
+    assert sql.hash_image(con, buf.getvalue()) == expected
+    with pytest.raises(Exception, match="not_an_image"):
+        sql.hash_image(con, b"plain text, not an image")

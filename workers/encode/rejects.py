@@ -8,28 +8,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hashing_models.decode import EMPTY, NOT_AN_IMAGE, TOO_MANY_PIXELS, TRUNCATED, UndecodableImage
 from workers.messages import ObjectRef
 
-# The reasons, as written in failures.reason (and as the label of the failures metric).
-EMPTY = "empty"  # zero-byte object
-NOT_AN_IMAGE = "not_an_image"  # Pillow cannot identify the format
-TRUNCATED = "truncated"  # the header parses but the pixel data is cut short or corrupt
-TOO_MANY_PIXELS = "too_many_pixels"  # over Settings.max_image_pixels: a decompression bomb, refused unloaded
+# The reasons, as written in failures.reason (and as the label of the failures metric): the
+# decoder's four (hashing_models.decode) and the store's.
 TOO_LARGE = "too_large"  # over Settings.max_object_bytes, refused unread
 MISSING = "missing"  # the object vanished between the event and the read
 UNREADABLE = "unreadable"  # the store refuses to serve it (AccessDenied, an archived object, ...)
 REASONS = (EMPTY, NOT_AN_IMAGE, TRUNCATED, TOO_MANY_PIXELS, TOO_LARGE, MISSING, UNREADABLE)
 
 
-class ImageRejected(ValueError):
-    """An object that cannot be encoded, for a permanent ``reason`` (one of ``REASONS``)."""
+class ImageRejected(UndecodableImage):
+    """An object that cannot be encoded, for a permanent ``reason`` (one of ``REASONS``); the
+    decoder raises its base class, the read stage this one."""
 
     def __init__(self, reason: str, detail: str):
         if reason not in REASONS:
             raise ValueError(f"unknown rejection reason {reason!r}; use one of {REASONS}")
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+        super().__init__(reason, detail)
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,13 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from hashing_models.decode import UndecodableImage, decode_image
 from hashlake.config import Settings
 from hashlake.store import ObjectStore
 from workers.encode import model as model_stage
-from workers.encode.decode import decode_image
 from workers.encode.model import LoadedModel, ModelHandle
 from workers.encode.read import Fetched, io_pool, read_object
-from workers.encode.rejects import Failure, ImageRejected
+from workers.encode.rejects import Failure
 from workers.encode.write import code_rows, parse_event_time, write_codes, write_failures, write_tombstones
 from workers.messages import Batch, ObjectRef
 
@@ -144,7 +144,7 @@ def _read_and_encode(refs: list[ObjectRef], store: ObjectStore, settings: Settin
             item = future.result()  # StoreUnavailable propagates: the whole batch is retried
             ok.append(item)
             pending.append(item)
-        except ImageRejected as exc:
+        except UndecodableImage as exc:  # the decoder's refusals and the read stage's (ImageRejected)
             failures.append(Failure(ref, ref.etag, exc.reason, exc.detail))
         last = i == len(refs) - 1
         if last:

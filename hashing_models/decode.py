@@ -1,7 +1,7 @@
 """Decode stage: image bytes → an upright RGB PIL image, refusing what is not a sane image.
 
-Refusals (``ImageRejected``): not an image, truncated or corrupt pixel data, and images with more
-pixels than ``max_pixels``. The pixel count is read from the header, before any pixel is decoded,
+Refusals (``UndecodableImage``, with a short ``reason``): zero bytes, not an image, truncated or
+corrupt pixel data, and images with more pixels than ``max_pixels``. The pixel count is read from the header, before any pixel is decoded,
 so a decompression bomb (e.g. a 50,000 × 50,000 PNG of a few KB) is refused without allocating it.
 """
 from __future__ import annotations
@@ -11,40 +11,53 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from workers.encode.rejects import EMPTY, NOT_AN_IMAGE, TOO_MANY_PIXELS, TRUNCATED, ImageRejected
+# Reasons, as the index's failures rows carry them.
+EMPTY = "empty"  # zero bytes
+NOT_AN_IMAGE = "not_an_image"  # Pillow cannot identify the format
+TRUNCATED = "truncated"  # the header parses but the pixel data is cut short or corrupt
+TOO_MANY_PIXELS = "too_many_pixels"  # over the pixel limit: a decompression bomb, refused unloaded
+
+
+class UndecodableImage(ValueError):
+    """Bytes that cannot become an image, for a permanent ``reason``; ``detail`` names the input."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
 
 
 def decode_image(body: bytes, max_pixels: int, *, name: str = "image") -> Image.Image:
     """Decode ``body`` to an RGB image, rotated upright per its EXIF orientation tag.
 
-    Always at full resolution (no JPEG draft mode): a query image hashed elsewhere through
-    ``prepare_images`` must get the same code as the worker gives the stored one.
+    The one decoder of the project: the encode workers and SQL's ``hash_image`` both call it, so a
+    query image gets the code its stored copy got. Always at full resolution (no JPEG draft mode).
     ``name`` only appears in error messages.
     """
     if not body:
-        raise ImageRejected(EMPTY, f"{name} is zero bytes")
+        raise UndecodableImage(EMPTY, f"{name} is zero bytes")
     try:
         with warnings.catch_warnings():
             # Our own limit below replaces Pillow's process-wide one (a warning, or an error at 2×).
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(body))
     except UnidentifiedImageError:
-        raise ImageRejected(NOT_AN_IMAGE, f"{name}: not an image format Pillow can read") from None
+        raise UndecodableImage(NOT_AN_IMAGE, f"{name}: not an image format Pillow can read") from None
     except Image.DecompressionBombError as exc:
-        raise ImageRejected(TOO_MANY_PIXELS, f"{name}: {exc}") from None
+        raise UndecodableImage(TOO_MANY_PIXELS, f"{name}: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:  # damaged headers raise any of these
-        raise ImageRejected(TRUNCATED, f"{name}: unreadable header ({exc})") from None
+        raise UndecodableImage(TRUNCATED, f"{name}: unreadable header ({exc})") from None
 
     width, height = image.size
     if width * height > max_pixels:
-        raise ImageRejected(TOO_MANY_PIXELS, f"{name} is {width}×{height} = {width * height} pixels, "
+        raise UndecodableImage(TOO_MANY_PIXELS, f"{name} is {width}×{height} = {width * height} pixels, "
                                              f"over the limit of {max_pixels} (Settings.max_image_pixels)")
     try:
         image.load()
         image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # "image file is truncated", "broken data stream", a corrupt EXIF block, ...
-        raise ImageRejected(TRUNCATED, f"{name}: pixel data unreadable ({exc})") from None
+        raise UndecodableImage(TRUNCATED, f"{name}: pixel data unreadable ({exc})") from None
     return to_rgb(image)
 
 
