@@ -35,7 +35,7 @@ def load_settings() -> Settings:
 
 # --- stack ----------------------------------------------------------------------------------------
 @stack_app.command("up")
-def stack_up(workers: Annotated[int, typer.Option(help="Celery worker processes")] = 1,
+def stack_up(workers: Annotated[Optional[int], typer.Option(help="Celery worker nodes (default: one per GPU, or 1)")] = None,
              prometheus: Annotated[bool, typer.Option(help="also start Prometheus")] = True) -> None:
     """Start redis-server, the S3 server, the intake, the workers and Prometheus in the background."""
     from hashlake import stack
@@ -190,7 +190,7 @@ def print_relation(columns: list[str], rows: list[tuple]) -> None:
 @app.command()
 def demo(dataset: Annotated[Optional[Path], typer.Option(help="CIFAR-10 .parquet or a folder of images")] = None,
          limit: Annotated[int, typer.Option(help="images to upload")] = 1000,
-         workers: int = 1,
+         workers: Annotated[Optional[int], typer.Option(help="Celery worker nodes (default: one per GPU, or 1)")] = None,
          keep: Annotated[bool, typer.Option(help="leave the stack running afterwards")] = True) -> None:
     """Stack up, upload images, wait until all are indexed, query, report mAP; ends with RESULT lines."""
     from hashlake.demo import run_demo

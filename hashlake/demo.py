@@ -23,7 +23,7 @@ from hashlake.upload import upload_all
 INDEX_TIMEOUT_S = 900  # 1,000 images at 128 px take ~15 s on 2 cores; generous for slow machines
 
 
-def run_demo(dataset: Path | None, limit: int, workers: int, keep: bool, console: Console) -> None:
+def run_demo(dataset: Path | None, limit: int, workers: int | None, keep: bool, console: Console) -> None:
     base = Settings()
     config = stack.stack_dir(base) / stack.CONFIG_FILE
     if any(stack.pid_alive(r.pid) for r in stack.read_state(base)):

@@ -16,6 +16,7 @@ import os
 import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -39,7 +40,7 @@ class ProcessRecord:
 
 @dataclass(frozen=True)
 class StackOptions:
-    workers: int = 1  # Celery worker processes; each runs one prefork child with the model
+    workers: int | None = None  # Celery worker nodes, each one prefork child with the model; None = one per GPU, or 1
     torch_threads: int | None = None  # per worker; None splits the cores evenly
     prometheus: bool = True  # start Prometheus when it is installed
     reconcile_interval_s: float = 2.0  # moto sends no bucket events: the reconciler is the live source
@@ -110,7 +111,9 @@ def up(settings: Settings, options: StackOptions = StackOptions(), log=print) ->
     try:
         keep(start_redis(free_port(), root / "data", root / "logs" / "redis.log"))
         keep(start_moto(free_port(), root / "data", root / "logs" / "s3.log"))
-        threads = options.torch_threads or max(1, (os.cpu_count() or 1) // options.workers)
+        gpus = cuda_device_count()
+        workers = options.workers or max(1, gpus)
+        threads = options.torch_threads or max(1, (os.cpu_count() or 1) // workers)
         values = {
             "s3_endpoint": f"http://127.0.0.1:{started[1].port}",
             "s3_access_key": "hashlake-local",
@@ -138,10 +141,12 @@ def up(settings: Settings, options: StackOptions = StackOptions(), log=print) ->
                    env=env, port=stack_settings.webhook_port))
         wait_until(lambda: port_open(stack_settings.webhook_port), 60, "the intake webhook",
                    started[-1].proc, started[-1].log)
-        for i in range(options.workers):
-            keep(_start_worker(i, stack_settings, env, root))
+        for i in range(workers):
+            # One worker node per GPU, each pinned to its own device.
+            device = {"HASHLAKE_DEVICE": f"cuda:{i % gpus}"} if gpus else {}
+            keep(_start_worker(i, stack_settings, {**env, **device}, root))
         if options.prometheus and shutil.which("prometheus"):
-            keep(_start_prometheus(stack_settings, root, options.workers))
+            keep(_start_prometheus(stack_settings, root, workers))
     except BaseException:
         for svc in reversed(started):
             svc.stop()
@@ -175,6 +180,17 @@ def _prepare_store(settings: Settings, log) -> None:
     except ModelNotFound:
         card = init_model(settings)
         log(f"  model      {card.version} created and activated ({card.description})")
+
+
+def cuda_device_count() -> int:
+    """GPUs the NVIDIA driver lists (without importing torch in the launcher); 0 when there is none."""
+    if not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
 
 
 def worker_metrics_port(settings: Settings, index: int) -> int:
