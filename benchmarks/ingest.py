@@ -17,6 +17,7 @@ event a MinIO server would send (same schema, bearer token) to the intake. Print
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -26,6 +27,10 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+# The bare forward runs under the same OpenMP wait policy as the workers (workers/tasks.py), so
+# that the ratio compares pipelines, not threading settings; set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
