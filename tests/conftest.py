@@ -63,6 +63,18 @@ def store(settings) -> ObjectStore:
     return s
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Small CPU tensors gain little from threads and the machine is shared: one torch thread for the
+    module, the previous setting restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def cifar_jpegs() -> list[tuple[str, int, bytes]]:
     """A few hundred real CIFAR-10 JPEGs as (path, label, bytes); skips when the dataset is absent."""

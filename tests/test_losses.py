@@ -21,14 +21,8 @@ from hashing_models.losses.hadamard import hadamard
 from hashing_models.methods import METHODS
 from hashing_models.outputs import HashOutputs
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and the machine is shared; restore the setting after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 BITS, CLASSES, BATCH, WIDTH = 16, 4, 16, 24

@@ -18,14 +18,8 @@ from hashing_models.methods import METHODS
 from hashing_models.preprocess import InputConfig, prepare_images
 from hashing_models.registry import create_model, list_models, model_description
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and the machine is shared; restore the setting after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 CIFAR10 = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "cifar10.parquet"
