@@ -24,7 +24,6 @@ from hashing_models.outputs import HashOutputs
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
-
 BITS, CLASSES, BATCH, WIDTH = 16, 4, 16, 24
 # A stand-in backbone: only what the head factories read.
 TOY_BACKBONE = SimpleNamespace(name="toy", num_features=WIDTH, stage_channels=(4, 6, 8))

@@ -21,7 +21,6 @@ from hashing_models.registry import create_model, list_models, model_description
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
-
 CIFAR10 = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "cifar10.parquet"
 
 # Smallest input side each backbone accepts; tests run at these sizes.

@@ -27,7 +27,6 @@ pytestmark = [
 ]
 
 
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("features")
