@@ -138,7 +138,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=600, help="images for the throughput run")
     parser.add_argument("--rate", type=float, default=20.0, help="uploads per second for the latency run")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of the latency run")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1, help="worker nodes")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="model processes per node (default: the stack's, one per core on CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per model process (default: the stack's)")
     parser.add_argument("--dataset", type=Path, default=CIFAR if CIFAR.exists() else SAMPLE)
     args = parser.parse_args()
 
@@ -148,8 +151,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="hashlake-bench-") as tmp:
         base = Settings(stack_dir=Path(tmp), reconcile_interval_s=3600)
-        settings = stack.up(base, stack.StackOptions(workers=args.workers, prometheus=False,
-                                                     reconcile_interval_s=3600), log=print)
+        options = stack.StackOptions(workers=args.workers, pool_processes=args.processes, torch_threads=args.threads,
+                                     prometheus=False, reconcile_interval_s=3600)
+        settings = stack.up(base, options, log=print)
         try:
             version = Catalog(ObjectStore(settings), settings).active()
             watcher = ShardWatcher(settings, version)
@@ -180,7 +184,8 @@ def main() -> None:
             watcher.stop_flag.set()
             latencies = np.array([watcher.seen_at[k] - t for k, t in put_times.items()])
 
-            threads = settings.torch_threads or 1
+            # The bare forward gets every thread the pipeline's model processes had together.
+            threads = stack.model_threads(settings, options)
             bare_rate = bare_forward_images_per_s(settings, version, throughput_set, settings.batch_size, threads)
         finally:
             stack.down(base, log=lambda *_: None)

@@ -41,7 +41,8 @@ class ProcessRecord:
 @dataclass(frozen=True)
 class StackOptions:
     workers: int | None = None  # Celery worker nodes, each one prefork child with the model; None = one per GPU, or 1
-    torch_threads: int | None = None  # per worker; None splits the cores evenly
+    pool_processes: int | None = None  # model processes per worker node; None: 1 on a GPU, else one per core
+    torch_threads: int | None = None  # per model process; None splits the cores evenly
     prometheus: bool = True  # start Prometheus when it is installed
     reconcile_interval_s: float = 2.0  # moto sends no bucket events: the reconciler is the live source
 
@@ -111,9 +112,8 @@ def up(settings: Settings, options: StackOptions = StackOptions(), log=print) ->
     try:
         keep(start_redis(free_port(), root / "data", root / "logs" / "redis.log"))
         keep(start_moto(free_port(), root / "data", root / "logs" / "s3.log"))
-        gpus = cuda_device_count()
-        workers = options.workers or max(1, gpus)
-        threads = options.torch_threads or max(1, (os.cpu_count() or 1) // workers)
+        gpus, workers, processes = worker_layout(options)
+        threads = options.torch_threads or max(1, (os.cpu_count() or 1) // (workers * processes))
         values = {
             "s3_endpoint": f"http://127.0.0.1:{started[1].port}",
             "s3_access_key": "hashlake-local",
@@ -144,7 +144,7 @@ def up(settings: Settings, options: StackOptions = StackOptions(), log=print) ->
         for i in range(workers):
             # One worker node per GPU, each pinned to its own device.
             device = {"HASHLAKE_DEVICE": f"cuda:{i % gpus}"} if gpus else {}
-            keep(_start_worker(i, stack_settings, {**env, **device}, root))
+            keep(_start_worker(i, processes, stack_settings, {**env, **device}, root))
         if options.prometheus and shutil.which("prometheus"):
             keep(_start_prometheus(stack_settings, root, workers))
     except BaseException:
@@ -182,6 +182,21 @@ def _prepare_store(settings: Settings, log) -> None:
         log(f"  model      {card.version} created and activated ({card.description})")
 
 
+def worker_layout(options: StackOptions) -> tuple[int, int, int]:
+    """(GPUs, worker nodes, model processes per node). One node per GPU with one process; on CPU, one
+    single-threaded model process per core: while one waits on its downloads, another computes."""
+    gpus = cuda_device_count()
+    workers = options.workers or max(1, gpus)
+    processes = options.pool_processes or (1 if gpus else max(1, (os.cpu_count() or 1) // workers))
+    return gpus, workers, processes
+
+
+def model_threads(settings: Settings, options: StackOptions) -> int:
+    """Torch threads of all the stack's model processes together (what a fair comparison gets)."""
+    _, workers, processes = worker_layout(options)
+    return workers * processes * (settings.torch_threads or 1)
+
+
 def cuda_device_count() -> int:
     """GPUs the NVIDIA driver lists (without importing torch in the launcher); 0 when there is none."""
     if not shutil.which("nvidia-smi"):
@@ -198,14 +213,14 @@ def worker_metrics_port(settings: Settings, index: int) -> int:
     return settings.metrics_port + 1 + index
 
 
-def _start_worker(index: int, settings: Settings, env: dict, root: Path) -> Service:
+def _start_worker(index: int, processes: int, settings: Settings, env: dict, root: Path) -> Service:
     celery = find_executable("celery", "install the project with `make setup`")
     multiproc = root / "data" / f"metrics-worker{index}"
     shutil.rmtree(multiproc, ignore_errors=True)
     multiproc.mkdir(parents=True)
     port = worker_metrics_port(settings, index)
     svc = spawn(f"worker{index}",
-                [celery, "-A", "workers.celery_app", "worker", "--pool", "prefork", "--concurrency", "1",
+                [celery, "-A", "workers.celery_app", "worker", "--pool", "prefork", "--concurrency", str(processes),
                  "--hostname", f"worker{index}@%h", "--loglevel", "INFO"],
                 root / "logs" / f"worker{index}.log",
                 env={**env, "PROMETHEUS_MULTIPROC_DIR": str(multiproc), "HASHLAKE_WORKER_METRICS_PORT": str(port)},
