@@ -130,19 +130,26 @@ def test_empty_index_answers_nothing(settings, store):
     assert con.sql("SELECT * FROM within('00ff', 3)").fetchall() == []
 
 
-def test_hash_image_uses_the_active_model(settings, store, tmp_path):
-    from PIL import Image
-
-    from hashing_models.preprocess import prepare_images
+def publish_test_model(settings, store, version: str):
+    """Publish and activate an LSH model with random weights at 32 px; return it."""
     from hashing_models.registry import create_model
     from hashlake.catalog import Catalog, ModelCard
 
     model = create_model("lsh_effnetlite0_64", pretrained=False, img_size=32)
-    card = ModelCard(version="lsh-test", arch="lsh_effnetlite0_64", method="lsh", backbone="effnetlite0", bits=64,
+    card = ModelCard(version=version, arch="lsh_effnetlite0_64", method="lsh", backbone="effnetlite0", bits=64,
                      input_size=32, description="random weights, for tests")
     catalog = Catalog(store, settings)
     catalog.publish(card, model.state_dict())
-    catalog.activate("lsh-test")
+    catalog.activate(version)
+    return model
+
+
+def test_hash_image_uses_the_active_model(settings, store, tmp_path):
+    from PIL import Image
+
+    from hashing_models.preprocess import prepare_images
+
+    model = publish_test_model(settings, store, "lsh-test")
 
     image = Image.new("RGB", (40, 30), (200, 30, 30))
     buf = io.BytesIO()
@@ -168,15 +175,8 @@ def test_hash_image_decodes_like_the_workers(settings, store):
 
     from hashing_models.decode import decode_image
     from hashing_models.preprocess import prepare_images
-    from hashing_models.registry import create_model
-    from hashlake.catalog import Catalog, ModelCard
 
-    model = create_model("lsh_effnetlite0_64", pretrained=False, img_size=32)
-    card = ModelCard(version="lsh-exif", arch="lsh_effnetlite0_64", method="lsh", backbone="effnetlite0", bits=64,
-                     input_size=32, description="random weights, for tests")
-    catalog = Catalog(store, settings)
-    catalog.publish(card, model.state_dict())
-    catalog.activate("lsh-exif")
+    model = publish_test_model(settings, store, "lsh-exif")
     image = Image.new("RGB", (40, 20), (0, 0, 255))
     image.paste((255, 0, 0), (0, 0, 20, 20))
     exif = Image.Exif()
