@@ -83,6 +83,16 @@ class Service:
             self.proc.wait(5)
 
 
+def wait_ready(svc: Service, check: Callable[[], bool], timeout_s: float, what: str) -> Service:
+    """Wait for ``check``; a service that does not become ready is stopped, never left running."""
+    try:
+        wait_until(check, timeout_s, what, svc.proc, svc.log)
+    except BaseException:
+        svc.stop()
+        raise
+    return svc
+
+
 def spawn(name: str, argv: Sequence[str], log: Path, *, env: dict[str, str] | None = None,
           port: int | None = None, cwd: Path | None = None) -> Service:
     """Start ``argv`` in its own process group with stdout+stderr appended to ``log``."""
@@ -111,8 +121,7 @@ def start_redis(port: int, workdir: Path, log: Path | None = None) -> Service:
     svc = spawn("redis", [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
                           "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
                 log or workdir / "redis.log", port=port)
-    wait_until(lambda: _redis_ping(port), 20, f"redis-server on port {port}", svc.proc, svc.log)
-    return svc
+    return wait_ready(svc, lambda: _redis_ping(port), 20, f"redis-server on port {port}")
 
 
 def _redis_ping(port: int) -> bool:
@@ -126,8 +135,7 @@ def start_moto(port: int, workdir: Path, log: Path | None = None) -> Service:
     exe = find_executable("moto_server", "install the project with `make setup` (moto[server])")
     svc = spawn("s3", [exe, "-H", "127.0.0.1", "-p", str(port)], log or workdir / "s3.log", port=port,
                 env={"MOTO_ALLOW_NONEXISTENT_REGION": "true"})
-    wait_until(lambda: _http_ok(f"http://127.0.0.1:{port}/"), 30, f"moto_server on port {port}", svc.proc, svc.log)
-    return svc
+    return wait_ready(svc, lambda: _http_ok(f"http://127.0.0.1:{port}/"), 30, f"moto_server on port {port}")
 
 
 def _http_ok(url: str) -> bool:

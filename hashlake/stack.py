@@ -24,7 +24,7 @@ from pathlib import Path
 
 from hashlake.config import Settings
 from hashlake.services import (ServiceError, Service, find_executable, free_port, port_open, spawn,
-                               start_moto, start_redis, wait_until)
+                               start_moto, start_redis, wait_ready)
 
 STATE_FILE = "stack.json"
 CONFIG_FILE = "stack.toml"
@@ -137,16 +137,17 @@ def up(settings: Settings, options: StackOptions = StackOptions(), log=print) ->
         _prepare_store(stack_settings, log)
 
         python = sys.executable
-        keep(spawn("intake", [python, "-m", "hashlake.cli", "intake"], root / "logs" / "intake.log",
-                   env=env, port=stack_settings.webhook_port))
-        wait_until(lambda: port_open(stack_settings.webhook_port), 60, "the intake webhook",
-                   started[-1].proc, started[-1].log)
-        for i in range(workers):
+        intake = spawn("intake", [python, "-m", "hashlake.cli", "intake"], root / "logs" / "intake.log",
+                       env=env, port=stack_settings.webhook_port)
+        keep(wait_ready(intake, lambda: port_open(stack_settings.webhook_port), 60, "the intake webhook"))
+        worker_ports = [free_port() for _ in range(workers)]  # each node's /metrics
+        for i, port in enumerate(worker_ports):
             # One worker node per GPU, each pinned to its own device.
             device = {"HASHLAKE_DEVICE": f"cuda:{i % gpus}"} if gpus else {}
-            keep(_start_worker(i, processes, stack_settings, {**env, **device}, root))
+            keep(_start_worker(i, processes, port, {**env, **device}, root))
         if options.prometheus and shutil.which("prometheus"):
-            keep(_start_prometheus(stack_settings, root, workers))
+            targets = [f"127.0.0.1:{p}" for p in [stack_settings.metrics_port, *worker_ports]]
+            keep(_start_prometheus(targets, root))
     except BaseException:
         for svc in reversed(started):
             svc.stop()
@@ -208,17 +209,11 @@ def cuda_device_count() -> int:
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
 
 
-def worker_metrics_port(settings: Settings, index: int) -> int:
-    # The intake exports on metrics_port; worker i on metrics_port + 1 + i.
-    return settings.metrics_port + 1 + index
-
-
-def _start_worker(index: int, processes: int, settings: Settings, env: dict, root: Path) -> Service:
+def _start_worker(index: int, processes: int, port: int, env: dict, root: Path) -> Service:
     celery = find_executable("celery", "install the project with `make setup`")
     multiproc = root / "data" / f"metrics-worker{index}"
     shutil.rmtree(multiproc, ignore_errors=True)
     multiproc.mkdir(parents=True)
-    port = worker_metrics_port(settings, index)
     svc = spawn(f"worker{index}",
                 [celery, "-A", "workers.celery_app", "worker", "--pool", "prefork", "--concurrency", str(processes),
                  "--hostname", f"worker{index}@%h", "--loglevel", "INFO"],
@@ -227,23 +222,20 @@ def _start_worker(index: int, processes: int, settings: Settings, env: dict, roo
                 port=port)
     # Ready = the pool child logged "ready with model" (workers/tasks.py) and the node's main process
     # serves its metrics (it starts the exporter at Celery's worker_ready, which may come later).
-    wait_until(lambda: "ready with model" in svc.log.read_text(errors="replace") and port_open(port), 240,
-               f"celery worker{index}", svc.proc, svc.log)
-    return svc
+    return wait_ready(svc, lambda: "ready with model" in svc.log.read_text(errors="replace") and port_open(port),
+                      240, f"celery worker{index}")
 
 
-def _start_prometheus(settings: Settings, root: Path, workers: int) -> Service:
+def _start_prometheus(targets: list[str], root: Path) -> Service:
+    """Prometheus scraping ``targets`` (the intake's and each worker node's /metrics)."""
     from hashlake.prometheus_config import render_local_config
 
     port = free_port()
     config = root / "prometheus.yml"
-    targets = [f"127.0.0.1:{settings.metrics_port}"] + [
-        f"127.0.0.1:{worker_metrics_port(settings, i)}" for i in range(workers)]
     config.write_text(render_local_config(targets))
     svc = spawn("prometheus", ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={root / 'data' / 'prometheus'}",
                                f"--web.listen-address=127.0.0.1:{port}"], root / "logs" / "prometheus.log", port=port)
-    wait_until(lambda: port_open(port), 30, "prometheus", svc.proc, svc.log)
-    return svc
+    return wait_ready(svc, lambda: port_open(port), 30, "prometheus")
 
 
 def down(settings: Settings, log=print, grace_s: float = 15.0) -> None:
