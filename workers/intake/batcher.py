@@ -21,12 +21,12 @@ from workers.intake import metrics
 from workers.intake.events import MalformedEvent
 from workers.intake.pending import (
     HEARTBEAT_TTL_S,
-    LOOP_BACKOFF,
     IntakeKeys,
     claim,
     dead_letter,
     decode_entry,
     give_back_claimed,
+    run_until_stopped,
 )
 from workers.intake.sender import BatchSender
 from workers.messages import Batch, ObjectRef
@@ -61,18 +61,7 @@ class Batcher:
     # -- the loop -------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         """Until ``stop``: claim, batch, send; on Redis/broker errors keep the open batches and back off."""
-        failures = 0  # in a row
-        while not stop.is_set():
-            try:
-                self.step()
-                failures = 0
-            except (redis.RedisError, OperationalError) as exc:
-                metrics.BROKER_ERRORS.labels("batcher").inc()
-                failures += 1
-                pause = LOOP_BACKOFF.compute(failures)
-                log.warning("batcher: broker unavailable (%s: %s); retrying in %.1f s",
-                            exc.__class__.__name__, exc, pause)
-                stop.wait(pause)
+        run_until_stopped(self.step, stop, (redis.RedisError, OperationalError), "batcher", "broker")
         self.flush()
 
     def step(self) -> None:

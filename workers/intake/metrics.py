@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import redis
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from workers.intake.pending import IntakeKeys
+if TYPE_CHECKING:  # pending imports this module (its loops count broker errors)
+    from workers.intake.pending import IntakeKeys
 
 log = logging.getLogger(__name__)
 

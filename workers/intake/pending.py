@@ -14,7 +14,10 @@ All lists live in the broker's Redis (``Settings.redis_url``) and are named afte
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import redis
@@ -22,13 +25,33 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from hashlake.config import Settings
+from workers.intake import metrics
 from workers.intake.events import MalformedEvent, ObjectEvent
 from workers.messages import ObjectRef
+
+log = logging.getLogger(__name__)
 
 HEARTBEAT_TTL_S = 10  # the batcher refreshes it about every second; 10 s survives a slow publish
 # Pause of the intake's loops after their n-th failure in a row while Redis or the broker is down:
 # 0.1, 0.2, 0.4, ... 5 s. The cap bounds how long a recovered broker stays unused.
 LOOP_BACKOFF = ExponentialBackoff(cap=5.0, base=0.05)
+
+
+def run_until_stopped(step: Callable[[], object], stop: threading.Event, errors: tuple[type[Exception], ...],
+                      component: str, service: str) -> None:
+    """Call ``step`` until ``stop``; while ``service`` fails (``errors``), count, log and back off."""
+    failures = 0  # in a row
+    while not stop.is_set():
+        try:
+            step()
+            failures = 0
+        except errors as exc:
+            metrics.BROKER_ERRORS.labels(component).inc()
+            failures += 1
+            pause = LOOP_BACKOFF.compute(failures)
+            log.warning("%s: %s unavailable (%s: %s); retrying in %.1f s", component, service,
+                        exc.__class__.__name__, exc, pause)
+            stop.wait(pause)
 
 
 @dataclass(frozen=True)

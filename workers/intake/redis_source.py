@@ -16,7 +16,8 @@ import redis
 
 from workers.intake import metrics
 from workers.intake.events import MalformedEvent, ObjectEvent, parse_access_element
-from workers.intake.pending import LOOP_BACKOFF, IntakeKeys, claim, dead_letter, encode_entry, give_back_claimed
+from workers.intake.pending import (IntakeKeys, claim, dead_letter, encode_entry, give_back_claimed,
+                                    run_until_stopped)
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +33,7 @@ class RedisListConsumer:
         self._recovered = False
 
     def run(self, stop: threading.Event) -> None:
-        failures = 0  # in a row
-        while not stop.is_set():
-            try:
-                self.step(CLAIM_WAIT_S)
-                failures = 0
-            except redis.RedisError as exc:
-                metrics.BROKER_ERRORS.labels("redis_consumer").inc()
-                failures += 1
-                pause = LOOP_BACKOFF.compute(failures)
-                log.warning("redis consumer: Redis unavailable (%s: %s); retrying in %.1f s",
-                            exc.__class__.__name__, exc, pause)
-                stop.wait(pause)
+        run_until_stopped(lambda: self.step(CLAIM_WAIT_S), stop, (redis.RedisError,), "redis_consumer", "Redis")
 
     def step(self, wait_s: float) -> bool:
         """Claim one element (waiting up to ``wait_s``) and hand it on; False when the list was empty."""
