@@ -43,9 +43,9 @@ from hashlake.shards import CODES_PREFIX, read_parquet_bytes  # noqa: E402
 from hashlake.store import ObjectStore  # noqa: E402
 from hashlake.upload import upload_one  # noqa: E402
 from workers.intake.events import minio_record, webhook_body  # noqa: E402
+from workers.intake.webhook import WEBHOOK_PATH  # noqa: E402
 
 CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10.parquet"
-WEBHOOK_PATH = "/minio/events"
 
 
 class Uploader:
