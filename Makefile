@@ -12,12 +12,15 @@ setup: system-packages $(VENV)/.installed
 system-packages:
 	@deploy/install-system-packages.sh
 
-# Re-installs when pyproject.toml changes. torch==2.14.1/torchvision==0.29.1 are pinned: pip takes
-# them from this machine's local wheel store instead of downloading gigabytes.
+# Re-installs when pyproject.toml changes, then compiles the hashlake_hamming DuckDB extension
+# (hashlake/native; it also rebuilds itself on first use after hamming.c changes).
+# torch==2.14.1/torchvision==0.29.1 are pinned: pip takes them from this machine's local wheel
+# store instead of downloading gigabytes.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/python -m hashlake.native.build
 	touch $@
 
 demo: setup

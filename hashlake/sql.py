@@ -13,10 +13,16 @@ shards that arrived since and moves the connection to the new snapshot.
 
 ``search`` and ``within`` return (bucket, key, etag, distance) in the order (distance, bucket,
 key): ties in distance are broken by bucket, then key (after a join, ORDER BY those again).
-``query`` is hex text (as DuckDB's ``unhex`` reads it), a BLOB, or ``hash_image(...)``; a code of
-the wrong length is an error naming both lengths. Many queries at once, one kernel call per 2,048:
+``query`` is hex text, a BLOB, or ``hash_image(...)``: a constant (a table function's arguments are
+evaluated once, before the scan); a code of the wrong length is an error naming both lengths. For a
+query per row (a batch, a code from a subquery) use the list forms, one call per 2,048 rows spread
+over every core:
 
-    SELECT q.id, s.* FROM queries q, LATERAL search(q.code, 10) s
+    SELECT q.id, unnest(search_list(q.code, 10), recursive := true) FROM queries q
+
+``search``, ``within`` and the list forms run in the ``hashlake_hamming`` extension (compiled C,
+``hashlake/native``), which reads the in-memory index's buffers in place: the connection's snapshot
+is published to it and pinned to the connection's database.
 """
 from __future__ import annotations
 
@@ -28,22 +34,18 @@ from pathlib import Path
 from typing import NamedTuple
 
 import duckdb
-import numpy as np
 import pyarrow as pa
 
-from hashing_models.codes import CodeLengthError, code_from_hex
 from hashlake.config import Settings, get_settings
-from hashlake.index import search as index_search
 from hashlake.index.code_index import CodeIndex, shared_index
 from hashlake.index.snapshot import Snapshot
 from hashlake.index.source import FolderSource, ShardSource, StoreSource
 from hashlake.index.visibility import visible_rows_sql
+from hashlake.native import loader as native
 from hashlake.shards import CODES_PREFIX, FAILURES_PREFIX, FAILURES_SCHEMA, TOMBSTONES_SCHEMA, codes_schema
 from hashlake.store import ObjectStore
 
 IMAGE_TYPE = "UNION(path VARCHAR, image BLOB)"  # what hash_image accepts: a path (or s3:// URL) or bytes
-HITS_TYPE = "STRUCT(bucket VARCHAR, key VARCHAR, etag VARCHAR, distance INTEGER)[]"
-_HIT_TYPE = pa.struct([(f.name, f.type) for f in index_search.RESULT_SCHEMA])
 
 
 class Hit(NamedTuple):
@@ -91,7 +93,7 @@ def connect(settings: Settings | None = None, *, local_dir: Path | None = None,
             version = Catalog(store, settings).active()
     index = shared_index(source, version)
     snapshot = index.refresh()
-    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    con = native.connect({"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     if isinstance(source, StoreSource):
         _configure_httpfs(con, settings)
     state = _ConnectionState(index=index, source=source, settings=settings, snapshot=snapshot,
@@ -113,17 +115,17 @@ def refresh(con: duckdb.DuckDBPyConnection) -> Snapshot:
 
 def search_codes(con: duckdb.DuckDBPyConnection, query: bytes | str, k: int) -> list[Hit]:
     """The k nearest visible codes to ``query`` (packed bytes or hex) on this connection's snapshot,
-    in (distance, bucket, key) order: what ``SELECT * FROM search(query, k)`` returns."""
-    state = _state(con)
-    table = index_search.knn(state.snapshot, _query_matrix([query], state.snapshot), k)[0]
-    return [Hit(**row) for row in table.to_pylist()]
+    in (distance, bucket, key) order: ``SELECT * FROM search(query, k)``."""
+    _state(con)
+    return [Hit(*row) for row in con.execute("SELECT bucket, key, etag, distance FROM search(?, ?)",
+                                             [query, k]).fetchall()]
 
 
 def within_codes(con: duckdb.DuckDBPyConnection, query: bytes | str, radius: int) -> list[Hit]:
-    """Every visible code within ``radius`` of ``query``: what ``SELECT * FROM within(query, radius)`` returns."""
-    state = _state(con)
-    table = index_search.within(state.snapshot, _query_matrix([query], state.snapshot), radius)[0]
-    return [Hit(**row) for row in table.to_pylist()]
+    """Every visible code within ``radius`` of ``query``: ``SELECT * FROM within(query, radius)``."""
+    _state(con)
+    return [Hit(*row) for row in con.execute("SELECT bucket, key, etag, distance FROM within(?, ?)",
+                                             [query, radius]).fetchall()]
 
 
 def hash_image(con: duckdb.DuckDBPyConnection, image: bytes | str | Path) -> bytes:
@@ -133,11 +135,6 @@ def hash_image(con: duckdb.DuckDBPyConnection, image: bytes | str | Path) -> byt
 
 # -- registration: every SQL function of hashlake, in one place, with explicit types --------------
 def _register_functions(con: duckdb.DuckDBPyConnection, state: _ConnectionState) -> None:
-    hits = duckdb.sqltype(HITS_TYPE)
-    con.create_function("hashlake_knn", _knn_udf(state), [duckdb.sqltype("BLOB"), duckdb.sqltype("INTEGER")],
-                        hits, type="arrow", side_effects=False)
-    con.create_function("hashlake_within", _within_udf(state),
-                        [duckdb.sqltype("BLOB"), duckdb.sqltype("INTEGER")], hits, type="arrow")
     con.create_function("hash_image", _hash_image_udf(state), [duckdb.sqltype(IMAGE_TYPE)],
                         duckdb.sqltype("BLOB"), type="arrow", side_effects=False)
     # hex text → BLOB, so every function takes either; the CASE is folded at bind time, so
@@ -152,61 +149,10 @@ def _register_functions(con: duckdb.DuckDBPyConnection, state: _ConnectionState)
                  ELSE error(format('hamming: the codes have different lengths, {} bits and {} bits',
                                    octet_length(hashlake_code(a)) * 8, octet_length(hashlake_code(b)) * 8))
             END)""")
-    # The lists come sorted by (distance, bucket, key) and unnest keeps list order; a sort here
-    # would cost more than the search on small answers. Joins reorder: ORDER BY after a join.
-    con.execute("""
-        CREATE MACRO search(query, k) AS TABLE
-            SELECT unnest(hashlake_knn(hashlake_code(query), k), recursive := true)""")
-    con.execute("""
-        CREATE MACRO within(query, radius) AS TABLE
-            SELECT unnest(hashlake_within(hashlake_code(query), radius), recursive := true)""")
-
-
-def _knn_udf(state: _ConnectionState):
-    def hashlake_knn(queries: pa.Array, ks: pa.Array) -> pa.Array:
-        return _batched(state.snapshot, queries, ks, index_search.knn)
-    return hashlake_knn
-
-
-def _within_udf(state: _ConnectionState):
-    def hashlake_within(queries: pa.Array, radii: pa.Array) -> pa.Array:
-        return _batched(state.snapshot, queries, radii, index_search.within)
-    return hashlake_within
-
-
-def _batched(snapshot: Snapshot, queries: pa.Array, params: pa.Array, run) -> pa.Array:
-    """One UDF call (up to 2,048 rows): group the rows by k (or radius), run each group as one batch."""
-    values = queries.to_pylist()
-    numbers = params.to_pylist()
-    out: list[pa.Table | None] = [None] * len(values)
-    for number in {p for v, p in zip(values, numbers) if v is not None and p is not None}:
-        rows = [i for i, (v, p) in enumerate(zip(values, numbers)) if v is not None and p == number]
-        for i, table in zip(rows, run(snapshot, _query_matrix([values[i] for i in rows], snapshot), number)):
-            out[i] = table
-    lengths = np.array([0 if t is None else t.num_rows for t in out], np.int32)
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-    present = [t for t in out if t is not None]
-    items = (pa.concat_tables(present).to_struct_array().combine_chunks() if present
-             else pa.array([], _HIT_TYPE)).cast(_HIT_TYPE)
-    mask = pa.array([t is None for t in out])
-    return pa.ListArray.from_arrays(offsets, items, mask=mask)
-
-
-def _query_matrix(values: list, snapshot: Snapshot) -> np.ndarray:
-    """Query codes (bytes or hex text) → (n, bits/8) uint8, each checked against the index's length."""
-    nbytes = snapshot.nbytes
-    if nbytes is None:  # nothing loaded yet, so no length to check and nothing to find
-        return np.zeros((len(values), 0), np.uint8)
-    codes = []
-    for value in values:
-        code = code_from_hex(value) if isinstance(value, str) else bytes(value)
-        if nbytes is not None and len(code) != nbytes:
-            raise CodeLengthError(f"query code has {len(code) * 8} bits but the index of model version "
-                                  f"{snapshot.model_version!r} holds {nbytes * 8}-bit codes")
-        codes.append(code)
-    if not codes:
-        return np.zeros((0, nbytes), np.uint8)
-    return np.frombuffer(b"".join(codes), np.uint8).reshape(len(codes), -1).copy()
+    # search()/within() are the extension's table functions (one constant query); these list forms
+    # answer a query per row, for batches:  SELECT q.id, unnest(search_list(q.code, 10), recursive := true) …
+    con.execute("CREATE MACRO search_list(query, k) AS hashlake_search_list(hashlake_code(query), k)")
+    con.execute("CREATE MACRO within_list(query, radius) AS hashlake_within_list(hashlake_code(query), radius)")
 
 
 def _hash_image_udf(state: _ConnectionState):
@@ -232,7 +178,8 @@ def _pin(con: duckdb.DuckDBPyConnection, state: _ConnectionState, snapshot: Snap
         con.execute(f"CREATE OR REPLACE VIEW codes AS {visible_rows_sql('_hashlake_code_rows', 'tombstones')}")
         con.execute("CREATE OR REPLACE VIEW failures AS "
                     + _parquet_or_empty([source.url(f.name) for f in failures], "_hashlake_empty_failures"))
-        state.snapshot = snapshot
+        native.pin(con, snapshot)
+        state.snapshot = snapshot  # holds the snapshot, so its published buffers, while pinned
 
 
 def _parquet_or_empty(urls: list[str], empty: str) -> str:

@@ -3,8 +3,7 @@ snapshots — every code length, several segments, hidden rows, duplicate codes,
 table, radius 0 and full — through each path: multi-index hashing, flat scan, and the automatic choice."""
 from __future__ import annotations
 
-from contextlib import ExitStack
-from unittest import mock
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -12,11 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hashing_models.codes import SUPPORTED_BITS, CodeLengthError, hamming_reference
-from hashlake.index import kernels, knn, within
-from hashlake.index import search as index_search
+from hashing_models.codes import SUPPORTED_BITS, hamming_reference
+from hashlake.index import knn, within
 from hashlake.index.mih import MultiIndexHash, plan
 from hashlake.index.snapshot import Segment, Snapshot, radius_profile
+from hashlake.native import loader
 
 PATHS = ("auto", "mih", "flat")
 
@@ -77,15 +76,14 @@ def as_rows(table: pa.Table) -> list[tuple[int, str, str]]:
                     table.column("key").to_pylist()))
 
 
-def forced(path: str) -> ExitStack:
-    """Force a path: MIH never gives up; tiny blocks so single queries cross block boundaries."""
-    stack = ExitStack()
-    stack.enter_context(mock.patch.object(kernels, "BLOCK_MIN_ROWS", 7))
-    if path == "mih":
-        stack.enter_context(mock.patch.object(index_search, "MIH_BUDGET", 1e30))
-        stack.enter_context(mock.patch.object(index_search, "MIH_QUICK_BUDGET", 1e30))
-        stack.enter_context(mock.patch.object(index_search, "FLAT_NS_PER_BYTE", 1e30))
-    return stack
+@contextmanager
+def forced(path: str):
+    """Pin the extension's method; "auto" leaves the choice to its cost model."""
+    loader.force_method({"auto": loader.AUTO, "mih": loader.ALWAYS_MIH, "flat": loader.ALWAYS_FLAT}[path])
+    try:
+        yield
+    finally:
+        loader.force_method(loader.AUTO)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -155,12 +153,3 @@ def test_mih_memory_and_plan():
     codes = np.random.default_rng(0).integers(0, 256, (1000, 8), dtype=np.uint8)
     mih = MultiIndexHash(codes, 3, 10)
     assert mih.nbytes == 3 * (4 * 1000 + 4 * (2**10 + 1))
-
-
-def test_code_length_checked_by_sql_helper():
-    from hashlake.sql import _query_matrix
-
-    snap = Snapshot(model_version="v", bits=64)
-    with pytest.raises(CodeLengthError, match="16 bits but .* holds 64-bit codes"):
-        _query_matrix([b"\x00\x01"], snap)
-    assert _query_matrix(["00" * 8], snap).shape == (1, 8)

@@ -39,15 +39,15 @@ def loaded(settings, store):
     codes = random_codes(N, 64)
     keys = [f"k{i:05d}" for i in range(N)]
     bucket = settings.index_bucket
-    store.put_whole(bucket, codes_path(VERSION, "a"), codes_shard(keys[:2000], codes[:2000]))
-    store.put_whole(bucket, codes_path(VERSION, "b"), codes_shard(keys[2000:] + ["k00001"],
-                                                                  np.concatenate([codes[2000:], codes[:1]]), 9))
+    store.put(bucket, codes_path(VERSION, "a"), codes_shard(keys[:2000], codes[:2000]))
+    store.put(bucket, codes_path(VERSION, "b"), codes_shard(keys[2000:] + ["k00001"],
+                                                            np.concatenate([codes[2000:], codes[:1]]), 9))
     tomb = pa.table({"key": ["k00002"], "bucket": ["images"], "deleted_at": [T0 + timedelta(minutes=5)]},
                     schema=TOMBSTONES_SCHEMA)
-    store.put_whole(bucket, tombstones_path("t"), to_parquet_bytes(tomb))
+    store.put(bucket, tombstones_path("t"), to_parquet_bytes(tomb))
     fail = pa.table({"key": ["bad.jpg"], "bucket": ["images"], "etag": ["e"], "reason": ["not_an_image"],
                      "detail": ["cannot identify image"], "model": [VERSION], "failed_at": [T0]}, schema=FAILURES_SCHEMA)
-    store.put_whole(bucket, failures_path(VERSION, "a"), to_parquet_bytes(fail))
+    store.put(bucket, failures_path(VERSION, "a"), to_parquet_bytes(fail))
     return codes
 
 
@@ -81,8 +81,8 @@ def test_batch_across_vectors_equals_single_queries(settings, loaded):
     con = sql.connect(settings, model_version=VERSION)
     queries = random_codes(3000, 64, seed=1)
     con.register("queries", pa.table({"qid": np.arange(3000), "code": pa.array([q.tobytes() for q in queries])}))
-    batch = con.execute("SELECT q.qid, s.distance FROM queries q, LATERAL search(q.code, 4) s "
-                        "ORDER BY q.qid, s.distance").fetchall()
+    batch = con.execute("SELECT qid, distance FROM (SELECT q.qid, unnest(search_list(q.code, 4), recursive := true) "
+                        "FROM queries q) ORDER BY qid, distance").fetchall()
     base = np.stack([np.frombuffer(c, np.uint8) for (c,) in con.sql("SELECT code FROM codes").fetchall()])
     expected = np.sort(hamming_reference(queries, base), axis=1)[:, :4]
     got = np.array([d for _, d in batch]).reshape(3000, 4)
@@ -97,7 +97,7 @@ def test_hamming_sums_long_codes_without_overflow(settings, loaded):
 
 def test_refresh_moves_a_connection_to_new_shards(settings, store, loaded):
     first = sql.connect(settings, model_version=VERSION)
-    store.put_whole(settings.index_bucket, codes_path(VERSION, "c"), codes_shard(["new"], loaded[:1], 3))
+    store.put(settings.index_bucket, codes_path(VERSION, "c"), codes_shard(["new"], loaded[:1], 3))
     second = sql.connect(settings, model_version=VERSION)  # sees the new shard
     assert second.sql("SELECT count(*) FROM codes").fetchone()[0] == N
     assert first.sql("SELECT count(*) FROM codes").fetchone()[0] == N - 1  # pinned to its snapshot
@@ -157,8 +157,8 @@ def test_hash_image_uses_the_active_model(settings, store, tmp_path):
     expected = model.encode(prepare_images([Image.open(io.BytesIO(buf.getvalue()))], model.input_config))[0]
     image_path = tmp_path / "red.png"
     image_path.write_bytes(buf.getvalue())
-    store.put_whole(settings.index_bucket, codes_path("lsh-test", "a"),
-                    codes_shard(["red.png", "other.png"], np.stack([expected, ~expected]), version="lsh-test"))
+    store.put(settings.index_bucket, codes_path("lsh-test", "a"),
+              codes_shard(["red.png", "other.png"], np.stack([expected, ~expected]), version="lsh-test"))
 
     con = sql.connect(settings)  # follows the active pointer
     assert con.execute("SELECT hash_image(?)", [buf.getvalue()]).fetchone()[0] == expected.tobytes()

@@ -96,7 +96,8 @@ def test_webhook_events_index_images_once_and_refuse_bad_tokens(running, store):
                        [list(etags)]).fetchone() == (20, 20)
     # An image's own code is its nearest neighbour, at distance 0.
     key = IMAGES[0].name
-    hits = con.execute("SELECT key, distance FROM search((SELECT code FROM codes WHERE key = ?), 5)", [key]).fetchall()
+    hits = con.execute("SELECT key, distance FROM (SELECT unnest(search_list(code, 5), recursive := true) "
+                       "FROM codes WHERE key = ?)", [key]).fetchall()
     assert (key, 0) in hits and [d for _, d in hits] == sorted(d for _, d in hits)
 
 

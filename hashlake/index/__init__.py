@@ -4,9 +4,8 @@
     visibility.py  the `codes` view's rule (newest row per key, tombstones), in SQL, used by both
     snapshot.py    immutable segments (codes matrix, identity columns, hash tables) and the snapshot
     code_index.py  CodeIndex: loads shards, refresh() adds new ones; one shared index per process
-    kernels.py     flat scans with faiss over row blocks on every core
-    mih.py         multi-index hashing tables (Norouzi et al.) in numpy
-    search.py      exact knn / within over a snapshot, choosing MIH or the flat scan per query
+    mih.py         multi-index hashing tables (Norouzi et al.), built in numpy
+    search.py      exact knn / within over a snapshot, for Python callers (answered natively)
 """
 from hashlake.index.code_index import CodeIndex, shared_index
 from hashlake.index.search import knn, within

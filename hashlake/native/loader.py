@@ -1,0 +1,197 @@
+"""Loading the extension into DuckDB connections, and publishing snapshots to it.
+
+A snapshot's buffers stay in Python (numpy codes, Arrow identity columns, MIH tables); the
+extension gets pointers to them. ``publish(snapshot)`` hands them over once per snapshot (cached);
+``pin(con, snapshot)`` makes it the one that connection's database searches. When the snapshot is
+garbage-collected (no connection holds it and its index has moved on) it is forgotten; its buffers
+are kept until the extension says no running call still reads them.
+
+ctypes and DuckDB load the same file, so the process holds one copy of the library and both see
+its registry of snapshots.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from hashlake.index.snapshot import Segment, Snapshot
+from hashlake.native.build import ensure_built
+
+MAX_TABLES = 4  # HL_MAX_TABLES in hamming.c
+
+
+class _Strings(ctypes.Structure):
+    _fields_ = [("offsets", ctypes.c_void_p), ("data", ctypes.c_void_p)]
+
+
+class _Segment(ctypes.Structure):
+    """hl_segment in hamming.c: keep the two in step."""
+
+    _fields_ = [
+        ("rows", ctypes.c_int64),
+        ("codes", ctypes.c_void_p),
+        ("hidden", ctypes.c_void_p),
+        ("n_hidden", ctypes.c_int64),
+        ("bucket", _Strings),
+        ("key", _Strings),
+        ("etag", _Strings),
+        ("tables", ctypes.c_int32),
+        ("starts", ctypes.c_int32 * MAX_TABLES),
+        ("key_bits", ctypes.c_int32 * MAX_TABLES),
+        ("table_offsets", ctypes.c_void_p * MAX_TABLES),
+        ("table_rows", ctypes.c_void_p * MAX_TABLES),
+        ("radius_profile", ctypes.c_void_p),
+    ]
+
+
+_LOCK = threading.Lock()
+_LIB: ctypes.CDLL | None = None
+
+
+def _library() -> ctypes.CDLL:
+    global _LIB
+    with _LOCK:
+        if _LIB is None:
+            lib = ctypes.CDLL(str(ensure_built()))
+            lib.hashlake_publish.restype = ctypes.c_int64
+            lib.hashlake_publish.argtypes = [ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(_Segment), ctypes.c_char_p]
+            lib.hashlake_forget.restype = ctypes.c_int32
+            lib.hashlake_forget.argtypes = [ctypes.c_int64]
+            lib.hashlake_pin.restype = ctypes.c_int32
+            lib.hashlake_pin.argtypes = [ctypes.c_int64, ctypes.c_int64]
+            lib.hashlake_force_method.argtypes = [ctypes.c_int32]
+            lib.hashlake_uses_avx512.restype = ctypes.c_int32
+            _LIB = lib
+        return _LIB
+
+
+def connect(config: dict[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
+    """A new in-memory DuckDB connection with the extension's functions loaded: the table functions
+    search(query, k) / within(query, radius) and the list forms hashlake_search_list /
+    hashlake_within_list, all reading the snapshot pinned with ``pin``."""
+    path = ensure_built()
+    _library()  # ctypes first: the registry must exist before any snapshot id is handed out
+    con = duckdb.connect(config={**(config or {}), "allow_unsigned_extensions": True})
+    con.execute(f"LOAD '{path}'")
+    return con
+
+
+def uses_avx512() -> bool:
+    """Whether the flat scan of 64-bit codes runs on AVX-512 VPOPCNTDQ on this CPU."""
+    return bool(_library().hashlake_uses_avx512())
+
+
+# For tests of exactness, to pin the method that would otherwise be chosen by cost: every answer
+# must be the same whichever runs.
+AUTO, ALWAYS_MIH, ALWAYS_FLAT = 0, 1, 2
+
+
+def force_method(method: int) -> None:
+    _library().hashlake_force_method(method)
+
+
+@dataclass(eq=False)
+class Publication:
+    id: int
+    keep: list  # every buffer the extension points into
+
+
+_PUBLISHED: "weakref.WeakKeyDictionary[Snapshot, Publication]" = weakref.WeakKeyDictionary()
+_RETIRED: list[Publication] = []  # forgotten by Python, maybe still read by a running call
+
+
+def publish(snapshot: Snapshot) -> int:
+    """The extension's id for ``snapshot``, publishing it on first use."""
+    with _LOCK:
+        _sweep()
+        found = _PUBLISHED.get(snapshot)
+        if found is not None:
+            return found.id
+    lib = _library()
+    keep: list = []
+    segments = (_Segment * max(1, len(snapshot.segments)))()
+    for i, (segment, hidden) in enumerate(zip(snapshot.segments, snapshot.hidden)):
+        segments[i] = _describe(segment, hidden, keep)
+    pub_id = lib.hashlake_publish(snapshot.nbytes or 0, len(snapshot.segments), segments,
+                                  snapshot.model_version.encode())
+    if pub_id < 0:
+        raise MemoryError("hashlake_hamming: cannot publish a snapshot (out of memory)")
+    publication = Publication(pub_id, keep)
+    with _LOCK:
+        _PUBLISHED[snapshot] = publication
+    weakref.finalize(snapshot, _retire, publication)
+    return pub_id
+
+
+def pin(con: duckdb.DuckDBPyConnection, snapshot: Snapshot) -> None:
+    """Make ``snapshot`` the one ``con``'s database searches. The caller holds the snapshot for as
+    long as it stays pinned (the pin itself does not keep it alive)."""
+    snapshot_id = publish(snapshot)
+    slot = con.execute("SELECT hashlake_slot()").fetchone()[0]
+    if _library().hashlake_pin(slot, snapshot_id) != 0:
+        raise RuntimeError(f"hashlake_hamming: unknown slot {slot}")
+
+
+def _retire(publication: Publication) -> None:
+    with _LOCK:
+        _RETIRED.append(publication)
+        _sweep()
+
+
+def _sweep() -> None:
+    """Drop the buffers of retired snapshots that no running call reads any more (under _LOCK)."""
+    lib = _LIB
+    if lib is None:
+        return
+    _RETIRED[:] = [p for p in _RETIRED if lib.hashlake_forget(p.id) == 0]
+
+
+def _describe(segment: Segment, hidden: np.ndarray, keep: list) -> _Segment:
+    desc = _Segment()
+    codes = np.ascontiguousarray(segment.codes)
+    hidden = np.ascontiguousarray(hidden, dtype=np.int64)
+    keep += [codes, hidden]
+    desc.rows = segment.rows
+    desc.codes = codes.ctypes.data
+    desc.hidden = hidden.ctypes.data
+    desc.n_hidden = hidden.size
+    for name in ("bucket", "key", "etag"):
+        setattr(desc, name, _strings(segment.identity.column(name), keep))
+    mih = segment.mih
+    if mih is not None:
+        if mih.tables > MAX_TABLES:
+            raise ValueError(f"a segment has {mih.tables} hash tables; the extension takes at most {MAX_TABLES}")
+        desc.tables = mih.tables
+        for t in range(mih.tables):
+            offsets = np.ascontiguousarray(mih.offsets[t], dtype=np.int32)
+            order = np.ascontiguousarray(mih.order[t], dtype=np.uint32)
+            keep += [offsets, order]
+            desc.starts[t], desc.key_bits[t] = mih.starts[t], mih.key_bits[t]
+            desc.table_offsets[t], desc.table_rows[t] = offsets.ctypes.data, order.ctypes.data
+    if segment.radius_profile is not None:
+        profile = np.ascontiguousarray(segment.radius_profile, dtype=np.float64)
+        keep.append(profile)
+        desc.radius_profile = profile.ctypes.data
+    return desc
+
+
+_EMPTY = np.zeros(1, np.uint8)  # a valid address for the data of a column of empty strings
+
+
+def _strings(column: pa.ChunkedArray, keep: list) -> _Strings:
+    """A utf8 column → pointers to its int32 offsets (at the array's offset) and its character data."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if array.type != pa.string():
+        array = array.cast(pa.string())
+    if array.null_count:
+        raise ValueError("identity columns never hold nulls")
+    keep.append(array)
+    _, offsets, data = array.buffers()
+    return _Strings(offsets.address + 4 * array.offset, data.address if data is not None and data.size else _EMPTY.ctypes.data)
