@@ -21,8 +21,8 @@
  * the first k visible rows in that order; within every visible row within the radius.
  *
  * Method per query: multi-index hashing (Norouzi et al.) when its estimated cost beats the flat
- * scan, else the flat scan (AVX-512 VPOPCNTDQ where the CPU has it, else scalar popcount), split
- * over threads. Both are exact.
+ * scan, else the flat scan, split over a thread pool (a batch: groups of queries sharing one blocked
+ * pass over the codes). Both are exact.
  */
 #define _GNU_SOURCE /* qsort_r */
 #define DUCKDB_EXTENSION_NAME hashlake_hamming
@@ -46,7 +46,7 @@ DUCKDB_EXTENSION_EXTERN
 #define HL_MAX_BYTES 32 /* 256-bit codes */
 #define HL_MAX_THREADS 64
 
-/* ---- published data (layout mirrored by ctypes in publish.py: change both together) ---------- */
+/* ---- published data (layout mirrored by ctypes in loader.py: change both together) ----------- */
 typedef struct {
 	const int32_t *offsets; /* Arrow utf8 offsets, already advanced by the array's offset */
 	const char *data;
