@@ -1,8 +1,10 @@
 """encode_batch end to end in-process, against real moto S3 and the real lsh_effnetlite0_64 model at 64 px:
-codes match the model's own encode, bad input becomes failure rows, retries replace their shard,
-a missing model and a dead store are errors to retry, never failure rows."""
+codes match the model's own encode, bad input becomes failure rows (with the etag read), retries replace
+their shards (a failures shard a rerun no longer needs is removed), a missing model and a dead store are
+errors to retry, never failure rows; a batch that kills its worker is split, and an object alone recorded."""
 from __future__ import annotations
 
+import hashlib
 import io
 
 import numpy as np
@@ -17,7 +19,8 @@ from hashlake.models import init_model
 from hashlake.services import free_port
 from hashlake.store import ObjectStore, StoreUnavailable
 from workers.encode.model import ModelHandle
-from workers.encode.runner import encode_batch, tombstone_batch
+from workers.deliveries import History
+from workers.encode.runner import encode_batch, record_crashed, split_batch, tombstone_batch
 from workers.messages import Batch, ObjectRef
 
 IMG_SIZE = 64  # px: the real model, small enough for a 2-core CI
@@ -131,3 +134,57 @@ def test_init_model_publishes_an_honest_card_and_activates_it(settings, store, m
     assert catalog.active() == model_card.version and catalog.card(model_card.version) == model_card
     assert (model_card.arch, model_card.bits, model_card.input_size) == ("lsh_effnetlite0_64", 64, IMG_SIZE)
     assert "pretrained" in model_card.description and "fixed random" in model_card.description
+
+
+def test_failure_rows_carry_the_etag_of_the_bytes_read(settings, store, model_card, cifar_jpegs):
+    # The event announced an older version; the store now serves another: the failure row names what was read.
+    announced = "0" * 32
+    current = {key: store.put(settings.images_bucket, key, body) for key, body in
+               [("bad/notes.txt", b"plain text"), ("bad/empty.jpg", b""), ("bad/cut.jpg", cifar_jpegs[0][2][:300])]}
+    refs = tuple(ObjectRef(settings.images_bucket, key, announced) for key in current)
+    vanished = ObjectRef(settings.images_bucket, "bad/vanished.jpg", announced)
+    result = encode_batch(Batch("encode", refs + (vanished,)), settings, ModelHandle(settings, store), store=store)
+    failures = {f["key"]: f["etag"] for f in read_table(store, settings.index_bucket, result.failures_key).to_pylist()}
+    assert failures == {**current, "bad/vanished.jpg": announced}  # nothing was read of the vanished one
+
+
+def test_a_rerun_without_failures_removes_the_failures_shard_of_an_earlier_run(settings, store, model_card,
+                                                                               cifar_jpegs):
+    body = cifar_jpegs[1][2]
+    late = ObjectRef(settings.images_bucket, "late.jpg", hashlib.md5(body).hexdigest())  # S3's etag of one PUT
+    batch = Batch("encode", (late,) + tuple(upload(store, settings.images_bucket, [("a.jpg", cifar_jpegs[0][2], "")])))
+    handle = ModelHandle(settings, store)
+    first = encode_batch(batch, settings, handle, store=store)  # the event outran the object: missing
+    assert first.failures_by_reason == {"missing": 1} and first.encoded == 1
+    assert store.put(settings.images_bucket, "late.jpg", body) == late.etag
+    again = encode_batch(batch, settings, handle, store=store)  # the redelivery finds it
+    assert again.encoded == 2 and again.failed == 0 and again.failures_key is None
+    assert list(store.list(settings.index_bucket, shards.FAILURES_PREFIX)) == []
+    assert sorted(r["key"] for r in read_table(store, settings.index_bucket, again.codes_key).to_pylist()) == [
+        "a.jpg", "late.jpg"]
+
+
+def test_split_batch_halves_the_distinct_objects_and_carries_the_deaths():
+    refs = tuple(ObjectRef("images", f"k{i}.jpg", f"e{i}") for i in range(5))
+    batch = Batch("encode", refs + (refs[0],), enqueued_at=123.0, crashes=3)
+    left, right = split_batch(batch, deaths=2)
+    assert [r.key for r in left.objects] == ["k0.jpg", "k1.jpg"]
+    assert [r.key for r in right.objects] == ["k2.jpg", "k3.jpg", "k4.jpg"]
+    assert (left.crashes, right.crashes, left.enqueued_at) == (5, 5, 123.0)
+    assert Batch.from_json(left.to_json()) == left  # the deaths travel with the message
+    with pytest.raises(ValueError, match="one object"):
+        split_batch(Batch("encode", (refs[0], refs[0])), deaths=2)
+
+
+def test_record_crashed_writes_one_row_per_object_naming_the_deaths(settings, store, model_card):
+    ref = ObjectRef(settings.images_bucket, "posters/huge.png", "abc123")
+    batch = Batch("encode", (ref,), crashes=4)
+    history = History(2, "Worker exited prematurely: signal 9 (SIGKILL) Job: 7.", "")
+    result = record_crashed(batch, history, settings, ModelHandle(settings, store), store=store)
+    assert result.failures_key == shards.failures_path(model_card.version, batch.batch_id)
+    assert (result.encoded, result.failures_by_reason, result.codes_key) == (0, {"crashed_worker": 1}, None)
+    [row] = read_table(store, settings.index_bucket, result.failures_key).to_pylist()
+    assert (row["key"], row["etag"], row["reason"], row["model"]) == ("posters/huge.png", "abc123", "crashed_worker",
+                                                                      model_card.version)
+    assert "killed the worker process 6 times (2 in a batch of its own, 4 in the larger batches" in row["detail"]
+    assert "signal 9 (SIGKILL)" in row["detail"]

@@ -14,7 +14,7 @@ from PIL import Image
 from hashlake import shards
 from hashlake.catalog import ModelCard
 from hashing_models.decode import UndecodableImage, decode_image
-from workers.encode.read import io_pool, read_object
+from workers.encode.read import io_pool, read_object, start_io_threads
 from workers.encode.rejects import (EMPTY, MISSING, NOT_AN_IMAGE, TOO_LARGE, TOO_MANY_PIXELS, TRUNCATED, UNREADABLE,
                                     Failure, ImageRejected)
 from workers.encode.runner import unique_refs
@@ -130,6 +130,19 @@ def test_read_object_and_its_refusals(store, settings):
 
 def test_io_pool_is_reused():
     assert io_pool(4) is io_pool(4)
+
+
+def test_io_threads_are_all_started_up_front():
+    import os
+    import threading
+
+    def io_threads() -> int:
+        return sum(t.name.startswith(f"hashlake-io-{os.getpid()}") for t in threading.enumerate())
+
+    before = io_threads()  # threads of io_pool(4) the test above may have started
+    start_io_threads(5)
+    start_io_threads(5)  # the second call finds them all and starts none
+    assert io_threads() == before + 5
 
 
 def test_unique_refs_keeps_one_per_key():

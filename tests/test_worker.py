@@ -1,6 +1,7 @@
 """Real Celery workers (prefork, one child) against real redis-server and moto_server: batches are indexed,
 bad input becomes failure rows, duplicates collapse to one shard, a missing model is retried until one
-is active, metrics survive child exits, and a SIGKILL mid-batch loses nothing.
+is active, metrics survive child exits, a SIGKILL mid-batch loses nothing, and a batch that keeps killing
+its worker is split until the image that kills it is alone and recorded.
 
 Redelivery after SIGKILL with the Redis transport (kombu 5.7, read in kombu/transport/redis.py):
 a delivered message sits in the ``unacked`` hash until acked. Killing only the *pool child* makes
@@ -12,6 +13,7 @@ every ~100 s) only once it is older than ``visibility_timeout``. The tests cover
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import time
 import urllib.request
@@ -107,10 +109,10 @@ class Worker:
             os.killpg(self.service.pid, signal.SIGKILL)
 
 
-def send(settings, task: str, batch: Batch) -> None:
+def send(settings, task: str, batch: Batch, **options) -> None:
     app = make_app(settings)
     try:
-        app.send_task(task, args=[batch.to_json()])
+        app.send_task(task, args=[batch.to_json()], **options)
     finally:
         app.close()
 
@@ -278,3 +280,133 @@ def test_celery_app_does_not_import_torch():
     code = "import sys, workers.celery_app; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -- poison batches: a worker process that dies on the same batch, again and again -----------------
+def _vm_data(pid: int) -> int:
+    """Bytes of private writable memory of ``pid``: what RLIMIT_DATA limits."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmData:"))) * 1024
+
+
+def _poster_png(width: int, height: int) -> bytes:
+    """A flat-colour PNG of a few hundred KB whose decode needs width × height × 4 bytes."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (20, 120, 200)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def all_rows(store, bucket, prefix) -> list[dict]:
+    return [r for o in store.list(bucket, prefix) for r in rows(store, bucket, o.key)]
+
+
+def ledger_keys(settings) -> list[bytes]:
+    return redis.Redis.from_url(settings.redis_url).keys("hashlake:deliveries:*")
+
+
+def test_an_image_that_exhausts_the_workers_memory_is_isolated_and_recorded(wsettings, store, model_card, tmp_path,
+                                                                             cifar_jpegs):
+    """The operator caps the worker's memory (RLIMIT_DATA, as `prlimit --data`, `ulimit -d` or systemd's
+    LimitDATA= would) and a legal 40 Mpx PNG (at the pixel limit, so the header check lets it through)
+    needs 160 MB to decode: Pillow's real decoder fails to allocate in every child that tries. The batch
+    is delivered, dies, is split, ... until the PNG is alone and recorded; every other image is indexed.
+
+    Arrow's default pool (jemalloc/mimalloc) reserves 1 GiB of address space on the first shard a child
+    writes, which RLIMIT_DATA counts; with Arrow on malloc (as an operator capping with RLIMIT_DATA
+    would run it), a child's first batch adds little, so one cap fits fresh and warm children alike."""
+    s = wsettings
+    worker = Worker(s, tmp_path, "w5", env={"ARROW_DEFAULT_MEMORY_POOL": "system"})
+    try:
+        warm = Batch("encode", tuple(upload_cifar(store, s.images_bucket, cifar_jpegs, 60, 2)))
+        send(s, ENCODE_TASK, warm)  # the child's first forward and shard write happen before it is measured
+        wait_for_object(store, s.index_bucket, shards.codes_path(model_card.version, warm.batch_id), worker)
+        [child] = worker.child_pids()
+        # The cap: what a warm child uses, plus 48 MB. The PNG needs 160 MB more; the CIFAR images a few.
+        # Children forked later (one per death) inherit the main process's cap.
+        cap = _vm_data(child) + 48 * 2**20
+        for pid in (worker.service.pid, child):
+            resource.prlimit(pid, resource.RLIMIT_DATA, (cap, cap))
+
+        good = upload_cifar(store, s.images_bucket, cifar_jpegs, 62, 5)
+        poster = _poster_png(8000, 5000)  # 40,000,000 px = Settings.max_image_pixels
+        poster_etag = store.put(s.images_bucket, "posters/huge.png", poster)
+        poison = ObjectRef(s.images_bucket, "posters/huge.png", poster_etag, len(poster), "2026-11-22T10:00:00Z")
+        batch = Batch("encode", tuple(good[:3] + [poison] + good[3:]))
+        # A process out of memory may also hang rather than raise: a short hard time limit (its halves
+        # inherit it) ends such a delivery, which counts as a death too, instead of production's 600 s.
+        send(s, ENCODE_TASK, batch, time_limit=20)
+
+        failures_prefix = f"{shards.FAILURES_PREFIX}{model_card.version}/"
+        wait_until(lambda: list(store.list(s.index_bucket, failures_prefix)), 180, "the poison's failure row",
+                   worker.service.proc, worker.log)
+        [failure] = all_rows(store, s.index_bucket, failures_prefix)
+        assert (failure["key"], failure["etag"], failure["reason"]) == ("posters/huge.png", poster_etag,
+                                                                        "crashed_worker")
+        assert "killed the worker process 6 times" in failure["detail"]  # whole batch, half, alone: 2 each
+        # The node's view of the last death, noted by its main process, and the child's own when it had one.
+        assert "exitcode 12" in failure["detail"] or "hard time limit" in failure["detail"]
+        good_keys = sorted(r.key for r in warm.objects + tuple(good))
+        wait_until(lambda: sorted({r["key"] for r in all_rows(store, s.index_bucket, shards.CODES_PREFIX)}) == good_keys,
+                   60, "every other image indexed", worker.service.proc, worker.log)
+
+        broker = redis.Redis.from_url(s.redis_url)
+        wait_until(lambda: broker.llen("hashlake") == 0 and broker.hlen("unacked") == 0, 30, "an empty queue")
+        assert ledger_keys(s) == []  # every batch, split or recorded, is done for good
+        text = worker.text()
+        assert "split into" in text and "exitcode 12" in text
+        assert "MemoryError('out of memory reading or decoding s3://" in text
+        m = worker.metrics()
+        assert m[("hashlake_worker_failures_total", (("reason", "crashed_worker"),))] == 1
+        assert m[("hashlake_worker_batches_total", (("kind", "encode"), ("outcome", "split")))] >= 2
+    finally:
+        worker.stop()
+
+
+def test_a_batch_whose_worker_is_killed_twice_is_split_and_loses_nothing(wsettings, store, model_card, tmp_path,
+                                                                          cifar_jpegs):
+    """No poison, two deaths in a row (SIGKILL from outside, as the OOM killer would send for another
+    process's memory): the third delivery sends the halves instead, both encode, nothing is recorded."""
+    s = wsettings
+    batch = Batch("encode", tuple(upload_cifar(store, s.images_bucket, cifar_jpegs, 80, 6)))
+    worker = Worker(s, tmp_path, "w6", env={TEST_INFER_DELAY_ENV: "2"})
+    try:
+        send(s, ENCODE_TASK, batch)
+        for times in (1, 2):
+            wait_in_model_stage(worker, batch, times)
+            [child] = worker.child_pids()
+            os.kill(child, signal.SIGKILL)
+        keys = sorted(o.key for o in batch.objects)
+        wait_until(lambda: sorted(r["key"] for r in all_rows(store, s.index_bucket, shards.CODES_PREFIX)) == keys,
+                   90, "both halves indexed", worker.service.proc, worker.log)
+        assert not store.exists(s.index_bucket, shards.codes_path(model_card.version, batch.batch_id))
+        assert list(store.list(s.index_bucket, shards.FAILURES_PREFIX)) == []
+        split = next(line for line in worker.text().splitlines() if "split into" in line)
+        assert f"batch {batch.batch_id} of 6 objects killed the worker process 2 times" in split
+        assert "signal 9 (SIGKILL)" in split
+        wait_until(lambda: ledger_keys(s) == [], 10, "the ledger to forget the batches")
+    finally:
+        worker.stop()
+
+
+def test_a_batch_that_never_finishes_is_killed_at_the_time_limit_requeued_and_recorded(wsettings, store, model_card,
+                                                                                       tmp_path, cifar_jpegs):
+    """The model stage never ends (the test hook sleeps past the hard time limit): each delivery is killed
+    at the limit and requeued, not acked and dropped; the third records the object instead of hanging again."""
+    s = wsettings
+    batch = Batch("encode", tuple(upload_cifar(store, s.images_bucket, cifar_jpegs, 90, 1)))
+    worker = Worker(s, tmp_path, "w7", env={TEST_INFER_DELAY_ENV: "30"})
+    try:
+        send(s, ENCODE_TASK, batch, time_limit=3)  # the message's own hard limit, under the app's 600 s
+        failures_key = shards.failures_path(model_card.version, batch.batch_id)
+        wait_for_object(store, s.index_bucket, failures_key, worker, timeout_s=60)
+        [row] = rows(store, s.index_bucket, failures_key)
+        assert row["reason"] == "crashed_worker" and "hard time limit of 3" in row["detail"]
+        assert worker.text().count("Hard time limit (3") == 2
+        broker = redis.Redis.from_url(s.redis_url)
+        wait_until(lambda: broker.llen("hashlake") == 0 and broker.hlen("unacked") == 0, 30, "an empty queue")
+    finally:
+        worker.stop()

@@ -29,6 +29,9 @@ class Batch:
     kind: str  # "encode" | "delete"
     objects: tuple[ObjectRef, ...]
     enqueued_at: float = field(default_factory=time.time)  # epoch s, for event-to-queryable latency
+    # Worker-process deaths these objects already went through in the larger batches this one was split
+    # from (see workers.deliveries); 0 for a batch from the intake. Not part of the batch's identity.
+    crashes: int = 0
 
     @property
     def batch_id(self) -> str:
@@ -41,15 +44,17 @@ class Batch:
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "batch_id": self.batch_id, "enqueued_at": self.enqueued_at,
-                "objects": [asdict(o) for o in self.objects]}
+                "crashes": self.crashes, "objects": [asdict(o) for o in self.objects]}
 
     @classmethod
     def from_json(cls, data: dict) -> "Batch":
         try:
             kind = data["kind"]
             objects = tuple(ObjectRef(**o) for o in data["objects"])
-        except (KeyError, TypeError) as exc:
+            crashes = int(data.get("crashes", 0))
+        except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed batch message ({exc}): {str(data)[:200]}") from None
         if kind not in ("encode", "delete"):
             raise ValueError(f"malformed batch message: unknown kind {kind!r}")
-        return cls(kind=kind, objects=objects, enqueued_at=float(data.get("enqueued_at", time.time())))
+        return cls(kind=kind, objects=objects, enqueued_at=float(data.get("enqueued_at", time.time())),
+                   crashes=crashes)

@@ -1,8 +1,19 @@
 """The Celery tasks and the worker-process hooks: thin wrappers around ``workers.encode.runner``.
 
 Per pool process: one ObjectStore, one ModelHandle (the model is loaded in ``worker_process_init``,
-once, and reloaded only when the active pointer moves). Bookkeeping (retry and error counts) lives
-in the task class, not in the bodies.
+once, and reloaded only when the active pointer moves), one DeliveryLedger. Bookkeeping (retry and
+error counts) lives in the task class, not in the bodies.
+
+Poison batches. A pool child that dies with a batch in hand has it requeued at once (acks_late +
+reject_on_worker_lost). Each delivery of an encode batch is counted in the delivery ledger
+(``workers.deliveries``); a delivery that finds ``CRASHES_BEFORE_SPLIT`` earlier deaths of its batch
+does not encode it again: it sends the two halves as new batches (``runner.split_batch``), or, for a
+batch of one object, records that object as a ``crashed_worker`` failure (``runner.record_crashed``).
+One poison image among 32 thus costs about 2 × (1 + log2 32) = 12 child restarts; every other object
+is indexed. A MemoryError (under a memory rlimit, or with overcommit off) is made a death too: the
+child exits, so that the batch takes the same path as one the OOM killer ended (a failed task would
+be acked and its other objects dropped), and the next child starts on a clean heap. So is a child
+killed at the hard time limit: its batch is requeued (``acks_on_timeout=False``), not dropped.
 """
 from __future__ import annotations
 
@@ -16,14 +27,19 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from celery import Task, signals
+from celery.exceptions import Reject, WorkerLostError
+from celery.worker.request import Request
+from kombu.exceptions import OperationalError
 
 from hashlake.catalog import ModelNotFound
 from hashlake.config import Settings, get_settings
 from hashlake.store import ObjectStore, StoreUnavailable
 from workers import metrics
 from workers.celery_app import app
+from workers.deliveries import DeliveryLedger, History
 from workers.encode.model import ModelHandle
-from workers.encode.runner import encode_batch, tombstone_batch
+from workers.encode.read import start_io_threads
+from workers.encode.runner import encode_batch, record_crashed, split_batch, tombstone_batch, unique_refs
 from workers.messages import ENCODE_TASK, TOMBSTONE_TASK, Batch
 
 log = logging.getLogger(__name__)
@@ -36,6 +52,14 @@ TRANSIENT = (StoreUnavailable, ModelNotFound)
 RETRY_OPTIONS = dict(autoretry_for=TRANSIENT, retry_backoff=2, retry_backoff_max=300, retry_jitter=True,
                      max_retries=10)
 
+# Deaths of a batch's worker process before the batch is split (or, alone, recorded). One death can be
+# bad luck (the OOM killer picking this child for another's memory, a node restart); two in a row
+# on the same batch is a pattern.
+CRASHES_BEFORE_SPLIT = 2
+# Exit status of a child that ran out of memory: ENOMEM, so that the node's "Worker exited
+# prematurely: exitcode 12" says why.
+OUT_OF_MEMORY_EXIT = 12
+
 
 class _Process:
     """What one pool process keeps between tasks."""
@@ -43,6 +67,7 @@ class _Process:
     settings: Settings | None = None
     store: ObjectStore | None = None
     model: ModelHandle | None = None
+    ledger: DeliveryLedger | None = None
 
     @classmethod
     def get(cls) -> type["_Process"]:
@@ -50,12 +75,44 @@ class _Process:
             cls.settings = get_settings()
             cls.store = ObjectStore(cls.settings)
             cls.model = ModelHandle(cls.settings, cls.store)
+            cls.ledger = DeliveryLedger.for_settings(cls.settings)
         return cls
+
+
+class BatchRequest(Request):
+    """The node's main process side of a delivery: when the pool child dies with an encode batch in
+    hand, or is killed at the hard time limit, note how in the delivery ledger, for the failure row
+    that may follow."""
+
+    _ledger: DeliveryLedger | None = None  # the main process's own client
+
+    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
+        exc = getattr(exc_info.exception, "exc", exc_info.exception)  # unwrap ExceptionWithTraceback
+        if isinstance(exc, WorkerLostError):
+            self._note_death(str(exc))  # "Worker exited prematurely: signal 11 (SIGSEGV) Job: 3."
+        return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+    def on_timeout(self, soft, timeout):
+        if not soft:
+            self._note_death(f"killed at the hard time limit of {timeout} s (a decode or forward that never ended)")
+        return super().on_timeout(soft, timeout)
+
+    def _note_death(self, text: str) -> None:
+        if self.task_name != ENCODE_TASK:
+            return
+        try:
+            batch_id = Batch.from_json(self.args[0]).batch_id
+        except (ValueError, IndexError, AttributeError):
+            return  # a malformed message: the task itself says so when it runs
+        if BatchRequest._ledger is None:
+            BatchRequest._ledger = DeliveryLedger.for_settings(get_settings())
+        BatchRequest._ledger.note(batch_id, "exit", text)
 
 
 class BatchTask(Task):
     """Counts retries and errors per batch kind; the body stays a call into the runner."""
 
+    Request = BatchRequest
     kind = "encode"
 
     def on_retry(self, exc, task_id, args, kwargs, einfo):
@@ -66,13 +123,70 @@ class BatchTask(Task):
         metrics.BATCHES.labels(self.kind, "error").inc()
 
 
-@app.task(name=ENCODE_TASK, base=BatchTask, **RETRY_OPTIONS)
+# acks_on_timeout=False: a batch whose child is killed at the hard time limit (an image whose decode
+# never ends, a process deadlocked after running out of memory) is requeued, not acked and dropped; its
+# start stays counted in the ledger, so a batch that always hangs is split like one that always crashes.
+@app.task(name=ENCODE_TASK, base=BatchTask, acks_on_timeout=False, **RETRY_OPTIONS)
 def encode_batch_task(batch_json: dict) -> dict:
     batch = Batch.from_json(batch_json)
     proc = _Process.get()
-    result = encode_batch(batch, proc.settings, proc.model, store=proc.store)
-    metrics.observe_encode(result, batch)
-    return result.summary()
+    history = proc.ledger.start(batch.batch_id)
+    try:
+        if history.unfinished >= CRASHES_BEFORE_SPLIT:
+            summary = _isolate(batch, history, proc)
+        else:
+            result = encode_batch(batch, proc.settings, proc.model, store=proc.store)
+            metrics.observe_encode(result, batch)
+            summary = result.summary()
+    except MemoryError as exc:
+        _die_out_of_memory(batch, exc, proc.ledger)  # never returns: the start stays counted, as a death
+    except Exception:
+        proc.ledger.finish(batch.batch_id, done=False)  # a retry or a failed task: it comes again, nothing died
+        raise
+    # Not reached either when the process is being ended mid-batch (SystemExit at the hard time limit,
+    # a cold shutdown): that start stays counted too.
+    proc.ledger.finish(batch.batch_id, done=True)
+    return summary
+
+
+def _isolate(batch: Batch, history: History, proc: type[_Process]) -> dict:
+    """A batch whose worker process died ``history.unfinished`` times: send its halves, or record its
+    one object as ``crashed_worker``."""
+    if len(unique_refs(batch.objects)) == 1:
+        result = record_crashed(batch, history, proc.settings, proc.model, store=proc.store)
+        log.error("batch %s (%s) killed the worker process %d times on its own (last: %s); recorded as %s",
+                  batch.batch_id, _where(batch), history.unfinished, history.describe(), result.failures_key)
+        for reason, count in result.failures_by_reason.items():
+            metrics.FAILURES.labels(reason).inc(count)
+        metrics.BATCHES.labels("encode", "crashed").inc()
+        return result.summary()
+    halves = split_batch(batch, history.unfinished)
+    hard, soft = encode_batch_task.request.timelimit or (None, None)  # a message's own limits, if it had any
+    try:
+        for half in halves:
+            encode_batch_task.apply_async(args=[half.to_json()], time_limit=hard, soft_time_limit=soft)
+    except OperationalError as exc:
+        # Not acked: the batch comes back and is split again; a half sent twice rewrites its own shards.
+        raise Reject(f"could not send the halves of batch {batch.batch_id}: {exc}", requeue=True) from exc
+    log.error("batch %s of %d objects killed the worker process %d times (last: %s); split into %s",
+              batch.batch_id, len(unique_refs(batch.objects)), history.unfinished, history.describe(),
+              " and ".join(f"{h.batch_id} ({len(h.objects)})" for h in halves))
+    metrics.BATCHES.labels("encode", "split").inc()
+    return {"batch_id": batch.batch_id, "split_into": [h.batch_id for h in halves]}
+
+
+def _die_out_of_memory(batch: Batch, exc: MemoryError, ledger: DeliveryLedger) -> None:
+    cause = f"MemoryError in pool process {os.getpid()}: {exc!r}"
+    ledger.note(batch.batch_id, "cause", cause)
+    log.critical("batch %s (%s): %s; the process exits (status %d) and the batch is delivered again",
+                 batch.batch_id, _where(batch), cause, OUT_OF_MEMORY_EXIT)  # handlers flush every record
+    os._exit(OUT_OF_MEMORY_EXIT)  # no cleanup, no Python shutdown: as the OOM killer would end it
+
+
+def _where(batch: Batch) -> str:
+    refs = unique_refs(batch.objects)
+    first = f"s3://{refs[0].bucket}/{refs[0].key}" if refs else "no objects"
+    return first if len(refs) == 1 else f"{first} and {len(refs) - 1} more"
 
 
 @app.task(name=TOMBSTONE_TASK, base=BatchTask, kind="delete", **RETRY_OPTIONS)
@@ -110,6 +224,7 @@ def _on_process_init(**_) -> None:
     proc = _Process.get()
     if proc.settings.torch_threads:
         torch.set_num_threads(proc.settings.torch_threads)
+    start_io_threads(proc.settings.download_concurrency)
     try:
         version = proc.model.current().version
         log.info("pool process %d ready with model %s (%d torch threads)", os.getpid(), version,

@@ -7,6 +7,7 @@ a pool created before a fork has no threads in the child.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -35,13 +36,22 @@ def read_object(store: ObjectStore, ref: ObjectRef, max_bytes: int) -> Fetched:
     except ObjectRefused as exc:
         raise ImageRejected(UNREADABLE, str(exc)) from None
     if not body:
-        raise ImageRejected(EMPTY, f"s3://{ref.bucket}/{ref.key} is a zero-byte object")
+        raise ImageRejected(EMPTY, f"s3://{ref.bucket}/{ref.key} is a zero-byte object", etag=info.etag)
     return Fetched(ref, body, info)
 
 
 def io_pool(threads: int) -> ThreadPoolExecutor:
     """The process's thread pool for downloads and decoding (``Settings.download_concurrency``)."""
     return _pool(os.getpid(), threads)
+
+
+def start_io_threads(threads: int) -> None:
+    """Start every thread of the process's pool now (a worker calls it once per pool process, before
+    any batch), instead of on demand mid-batch: a batch that exhausts the process's memory then gets a
+    MemoryError from the allocation that failed, never a failed or hung thread start elsewhere."""
+    barrier = threading.Barrier(threads)  # each task holds its thread until all of them run at once
+    for future in [io_pool(threads).submit(barrier.wait, 30.0) for _ in range(threads)]:
+        future.result()
 
 
 @lru_cache(maxsize=4)

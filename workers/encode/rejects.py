@@ -2,7 +2,8 @@
 
 A refusal is permanent for that (bucket, key, etag): it becomes one row in the batch's failures
 shard and the rest of the batch is still indexed. Transient trouble (``StoreUnavailable``) is never
-a refusal: the task is retried instead.
+a refusal: the task is retried instead. ``crashed_worker`` is the one reason no exception carries: an
+object whose batch of one kept killing the worker process (see ``workers.deliveries``).
 """
 from __future__ import annotations
 
@@ -12,21 +13,26 @@ from hashing_models.decode import EMPTY, NOT_AN_IMAGE, TOO_MANY_PIXELS, TRUNCATE
 from workers.messages import ObjectRef
 
 # The reasons, as written in failures.reason (and as the label of the failures metric): the
-# decoder's four (hashing_models.decode) and the store's.
+# decoder's four (hashing_models.decode), the store's, and the worker's own.
 TOO_LARGE = "too_large"  # over Settings.max_object_bytes, refused unread
 MISSING = "missing"  # the object vanished between the event and the read
 UNREADABLE = "unreadable"  # the store refuses to serve it (AccessDenied, an archived object, ...)
-REASONS = (EMPTY, NOT_AN_IMAGE, TRUNCATED, TOO_MANY_PIXELS, TOO_LARGE, MISSING, UNREADABLE)
+CRASHED_WORKER = "crashed_worker"  # encoding it alone killed the worker process, delivery after delivery
+REASONS = (EMPTY, NOT_AN_IMAGE, TRUNCATED, TOO_MANY_PIXELS, TOO_LARGE, MISSING, UNREADABLE, CRASHED_WORKER)
 
 
 class ImageRejected(UndecodableImage):
     """An object that cannot be encoded, for a permanent ``reason`` (one of ``REASONS``); the
-    decoder raises its base class, the read stage this one."""
+    decoder raises its base class, the read and decode stages this one.
 
-    def __init__(self, reason: str, detail: str):
+    ``etag`` is the etag of the bytes that were read ("" when nothing was read: missing, refused, too
+    large), so that the failure row names the version that failed, not the one the event announced."""
+
+    def __init__(self, reason: str, detail: str, *, etag: str = ""):
         if reason not in REASONS:
             raise ValueError(f"unknown rejection reason {reason!r}; use one of {REASONS}")
         super().__init__(reason, detail)
+        self.etag = etag
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,6 @@ class Failure:
     """One refused object: becomes one row of failures/<model_version>/<batch_id>.parquet."""
 
     ref: ObjectRef
-    etag: str  # the etag read from the store when known, else the event's
+    etag: str  # the etag of the bytes read when a read happened, else the event's
     reason: str
     detail: str

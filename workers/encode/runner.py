@@ -1,7 +1,9 @@
 """The sequential runner: one batch through read ▶ decode ▶ model ▶ pack ▶ write, with per-stage timings.
 
 Celery task bodies call ``encode_batch`` / ``tombstone_batch``; so do the tests and the ingest
-benchmark, so all of them measure the same code. Reading, decoding and preparing run on the
+benchmark, so all of them measure the same code. A batch that keeps killing its worker process
+(``workers.deliveries``) is cut in two by ``split_batch`` until the object that kills it is alone;
+``record_crashed`` then writes that object's failure row. Reading, decoding and preparing run on the
 process's I/O thread pool (downloads wait on the network, Pillow releases the GIL while decoding);
 the forward runs on the calling thread with torch's own intra-op threads, starting on the first
 images that are ready, so the rest of the batch downloads while the model runs.
@@ -18,13 +20,15 @@ from datetime import datetime, timezone
 import numpy as np
 
 from hashing_models.decode import UndecodableImage, decode_image
+from hashlake import shards
 from hashlake.config import Settings
-from hashlake.store import ObjectStore
+from hashlake.store import ObjectMissing, ObjectStore
 from workers.encode import model as model_stage
 from workers.encode.model import LoadedModel, ModelHandle
 from workers.encode.read import Fetched, io_pool, read_object
-from workers.encode.rejects import Failure
+from workers.encode.rejects import CRASHED_WORKER, Failure, ImageRejected
 from workers.encode.write import code_rows, parse_event_time, write_codes, write_failures, write_tombstones
+from workers.deliveries import History
 from workers.messages import Batch, ObjectRef
 
 log = logging.getLogger(__name__)
@@ -80,16 +84,20 @@ def unique_refs(objects: tuple[ObjectRef, ...]) -> list[ObjectRef]:
 
 
 def load_one(store: ObjectStore, settings: Settings, loaded: LoadedModel, ref: ObjectRef) -> _Loaded:
-    """Read ▶ decode ▶ prepare one object (runs on an I/O thread)."""
+    """Read ▶ decode ▶ prepare one object (runs on an I/O thread). Refusals raise ``ImageRejected``
+    carrying the etag of the bytes read, when a read happened."""
     fetched = read_object(store, ref, settings.max_object_bytes)
-    image = decode_image(fetched.body, settings.max_image_pixels, name=f"s3://{ref.bucket}/{ref.key}")
+    try:
+        image = decode_image(fetched.body, settings.max_image_pixels, name=f"s3://{ref.bucket}/{ref.key}")
+    except UndecodableImage as exc:
+        raise ImageRejected(exc.reason, exc.detail, etag=fetched.info.etag) from None
     return _Loaded(fetched, model_stage.prepare(loaded, [image]))
 
 
 def encode_batch(batch: Batch, settings: Settings, model_handle: ModelHandle, *,
                  store: ObjectStore | None = None) -> EncodeResult:
     """Encode every object of ``batch`` into codes/<model>/<batch_id>.parquet; refused objects go to
-    failures/<model>/<batch_id>.parquet.
+    failures/<model>/<batch_id>.parquet, which is removed when this run refuses none.
 
     Raises ``ModelNotFound`` (no active model) before reading anything, and ``StoreUnavailable``
     when the store does not answer: both mean "retry the whole batch later"; nothing half-done is
@@ -110,11 +118,18 @@ def encode_batch(batch: Batch, settings: Settings, model_handle: ModelHandle, *,
     now = datetime.now(timezone.utc)
     bucket = settings.index_bucket
     codes_key = failures_key = None
+    # An earlier run of this batch id (a retry, a redelivery, a duplicate) may have written failure rows
+    # that this run no longer finds: the batch's shards say what its latest run found. The delete (one
+    # request, ~4 ms on moto) runs on an I/O thread while the codes shard is written.
+    stale = None if failures else io_pool(settings.download_concurrency).submit(
+        _remove, store, bucket, shards.failures_path(loaded.version, batch_id))
     if ok:
         fetched = [item.fetched for item in ok]
         codes_key = write_codes(store, bucket, loaded.card, batch_id, code_rows(fetched, now), codes)
     if failures:
         failures_key = write_failures(store, bucket, loaded.version, batch_id, failures, now)
+    if stale is not None:
+        stale.result()  # StoreUnavailable propagates: the batch is retried, like a failed write
     write_s = time.perf_counter() - started
 
     event_times = [_epoch(item.fetched.ref.event_time) for item in ok if item.fetched.ref.event_time]
@@ -144,8 +159,12 @@ def _read_and_encode(refs: list[ObjectRef], store: ObjectStore, settings: Settin
             item = future.result()  # StoreUnavailable propagates: the whole batch is retried
             ok.append(item)
             pending.append(item)
-        except UndecodableImage as exc:  # the decoder's refusals and the read stage's (ImageRejected)
-            failures.append(Failure(ref, ref.etag, exc.reason, exc.detail))
+        except ImageRejected as exc:  # the read and decode stages' refusals
+            failures.append(Failure(ref, exc.etag or ref.etag, exc.reason, exc.detail))
+        except MemoryError as exc:
+            # Not a refusal (it may be the other images' share of memory); the task ends the process
+            # (workers.tasks). The message names the object whose load ran out.
+            raise MemoryError(f"out of memory reading or decoding s3://{ref.bucket}/{ref.key}") from exc
         last = i == len(refs) - 1
         if last:
             read_s = time.perf_counter() - started
@@ -161,11 +180,69 @@ def _read_and_encode(refs: list[ObjectRef], store: ObjectStore, settings: Settin
     return ok, failures, codes, read_s, infer_s
 
 
+def split_batch(batch: Batch, deaths: int) -> tuple[Batch, Batch]:
+    """Cut a batch that killed its worker ``deaths`` times into two halves, each carrying the deaths
+    its objects went through so far. Bisection finds one poison object among n in about log2(n)
+    rounds, and keeps the innocent objects in batches as large as possible."""
+    refs = unique_refs(batch.objects)
+    if len(refs) < 2:
+        raise ValueError(f"batch {batch.batch_id} holds one object; record it with record_crashed instead")
+    middle = len(refs) // 2
+    crashes = batch.crashes + deaths
+    return (Batch("encode", tuple(refs[:middle]), batch.enqueued_at, crashes),
+            Batch("encode", tuple(refs[middle:]), batch.enqueued_at, crashes))
+
+
+def record_crashed(batch: Batch, history: History, settings: Settings, model_handle: ModelHandle, *,
+                   store: ObjectStore | None = None) -> EncodeResult:
+    """Write failures/<model>/<batch_id>.parquet with one ``crashed_worker`` row per object of
+    ``batch`` (a batch of one, once ``split_batch`` is done) whose worker process died
+    ``history.unfinished`` times.
+
+    First this process encodes a tiny image of its own making: if the decoder or the model kills
+    every process (a broken driver, a bad build), it dies here too and the batch is delivered again,
+    instead of every object of the bucket becoming a failure row. The etag is the event's: no read
+    of the object ever finished.
+    """
+    store = store or model_handle.catalog.store
+    loaded = model_handle.current()
+    _check_this_process_encodes(loaded, settings)
+    started = time.perf_counter()
+    deaths = history.unfinished
+    detail = (f"encoding it killed the worker process {deaths + batch.crashes} times ({deaths} in a batch of its "
+              f"own, {batch.crashes} in the larger batches it was split from); last death: {history.describe()}")
+    failures = [Failure(ref, ref.etag, CRASHED_WORKER, f"s3://{ref.bucket}/{ref.key}: {detail}")
+                for ref in unique_refs(batch.objects)]
+    key = write_failures(store, settings.index_bucket, loaded.version, batch.batch_id, failures,
+                         datetime.now(timezone.utc))
+    return EncodeResult(batch.batch_id, loaded.version, 0, {CRASHED_WORKER: len(failures)}, 0.0, 0.0,
+                        time.perf_counter() - started, None, key, time.time())
+
+
 def tombstone_batch(batch: Batch, settings: Settings, store: ObjectStore) -> str:
     """Write tombstones/<batch_id>.parquet for a delete batch; return its key."""
     if batch.kind != "delete":
         raise ValueError(f"tombstone_batch got a {batch.kind!r} batch {batch.batch_id}; encodes go to encode_batch")
     return write_tombstones(store, settings.index_bucket, batch, datetime.now(timezone.utc))
+
+
+def _check_this_process_encodes(loaded: LoadedModel, settings: Settings) -> None:
+    """Decode ▶ prepare ▶ forward a 32×32 JPEG made in memory, through the same stages as any object."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (128, 96, 64)).save(buf, format="JPEG")
+    image = decode_image(buf.getvalue(), settings.max_image_pixels, name="the self-check image")
+    model_stage.pack(model_stage.forward(loaded, model_stage.prepare(loaded, [image])))
+
+
+def _remove(store: ObjectStore, bucket: str, key: str) -> None:
+    try:
+        store.delete(bucket, key)  # S3 answers a delete of an absent key with success: one request
+    except ObjectMissing:  # the bucket itself is gone: there is nothing to remove
+        pass
 
 
 def _epoch(event_time: str) -> float:
