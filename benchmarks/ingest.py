@@ -1,7 +1,7 @@
 """Ingest throughput and PUT-to-queryable latency of the local stack, beside the bare model forward.
 
-Starts a private stack (redis-server, moto_server, intake, Celery workers) in a temporary folder
-and measures in the same run:
+Starts a private stack (redis-server, moto_server, intake, Celery workers) in a temporary
+folder and measures in the same run:
 
   (a) pipeline throughput: N images PUT as fast as possible, from the first PUT until every row
       is in a shard (shards are what the SQL layer reads, so "in a shard" = queryable);
@@ -9,21 +9,24 @@ and measures in the same run:
       on already-decoded tensors (no I/O, no decode);
   (c) PUT-to-queryable latency, uploading at a steady rate (default 20 images/s).
 
-moto_server sends no bucket notifications, so this script posts for each PUT the MinIO webhook
-event a MinIO server would send (same schema, bearer token) to the intake. Prints RESULT lines last.
+moto_server sends no bucket notifications, so this script posts for each PUT the MinIO webhook event a
+MinIO server would send (same schema, bearer token) to the intake. Before the RESULT lines (last) it
+prints where the CPU went during (a) and (b): seconds per stack process, this script, other
+processes on the machine ("elsewhere") and idle; the cores are shared, so read a run's figures with
+those lines.
 
     .venv/bin/python benchmarks/ingest.py [--images 600] [--rate 20] [--seconds 30]
 """
 from __future__ import annotations
 
 import argparse
+import http.client
 import os
 import statistics
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -49,25 +52,77 @@ CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10.parquet"
 
 
 class Uploader:
-    """PUT + the MinIO webhook event, as a MinIO server would notify."""
+    """PUT + the MinIO webhook event, as a MinIO server would notify: one POST per event, over a
+    kept-alive connection (MinIO's HTTP client keeps its connections to a webhook target open)."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.store = ObjectStore(settings)
-        self.url = f"http://127.0.0.1:{settings.webhook_port}{WEBHOOK_PATH}"
+        self.headers = {"Content-Type": "application/json",
+                        "Authorization": f"Bearer {settings.webhook_token.get_secret_value()}"}
+        self.local = threading.local()  # one connection per uploading thread
 
     def put(self, image) -> tuple[str, str, float]:
         t0 = time.time()
         etag = upload_one(self.store, self.settings.images_bucket, image)
         body = webhook_body([minio_record("s3:ObjectCreated:Put", self.settings.images_bucket, image.name,
                                           etag=etag, size=len(image.body))])
-        req = urllib.request.Request(self.url, data=body, method="POST", headers={
-            "Content-Type": "application/json",
-            "Authorization": f"Bearer {self.settings.webhook_token.get_secret_value()}"})
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            if resp.status >= 300:
-                raise RuntimeError(f"webhook answered {resp.status}")
+        status = self._post(body)
+        if status >= 300:
+            raise RuntimeError(f"webhook answered {status}")
         return image.name, etag, t0
+
+    def _post(self, body: bytes) -> int:
+        try:
+            return self._post_once(body)
+        except (http.client.HTTPException, ConnectionError):
+            # The intake closed an idle connection (uvicorn keeps them 5 s): post again on a new one.
+            # At worst the event is queued twice, which the intake and the workers deduplicate.
+            self.local.conn.close()
+            self.local.conn = None
+            return self._post_once(body)
+
+    def _post_once(self, body: bytes) -> int:
+        if getattr(self.local, "conn", None) is None:
+            self.local.conn = http.client.HTTPConnection("127.0.0.1", self.settings.webhook_port, timeout=10)
+        self.local.conn.request("POST", WEBHOOK_PATH, body=body, headers=self.headers)
+        resp = self.local.conn.getresponse()
+        resp.read()
+        return resp.status
+
+
+class CpuMeter:
+    """CPU seconds (user + system) per stack process group, of this script, of everything else on the
+    machine ("elsewhere": other users of the shared cores) and idle, from /proc: where the cores went
+    during a phase. Every stack process leads its own group (``services.spawn``), so a group's CPU
+    includes its children (the Celery pool processes)."""
+
+    def __init__(self, records: list[stack.ProcessRecord]):
+        self.names = {r.pid: r.name for r in records}
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def sample(self) -> dict[str, float]:
+        cpu = dict.fromkeys([*self.names.values(), "benchmark"], 0.0)
+        me = os.getpid()
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
+            except OSError:
+                continue  # the process ended while listing
+            pid, pgid = int(stat.parent.name), int(fields[2])
+            name = "benchmark" if pid == me else self.names.get(pgid)
+            if name:
+                cpu[name] += (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime
+        # /proc/stat "cpu": user nice system idle iowait irq softirq steal ... (ticks, all cores)
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        idle = (ticks[3] + ticks[4]) / self.tick
+        cpu["elsewhere"] = (sum(ticks) / self.tick - idle) - sum(cpu.values())
+        cpu["idle"] = idle
+        return cpu
+
+    @staticmethod
+    def spent(before: dict[str, float], after: dict[str, float]) -> str:
+        return ", ".join(f"{name} {after[name] - before[name]:.1f}" for name in after)
 
 
 class ShardWatcher(threading.Thread):
@@ -161,12 +216,16 @@ def main() -> None:
             uploader = Uploader(settings)
             from concurrent.futures import ThreadPoolExecutor
 
+            meter = CpuMeter(stack.read_state(base))
+
             # (a) throughput: everything at once, 8 uploaders in parallel.
+            cpu0 = meter.sample()
             t0 = time.time()
             with ThreadPoolExecutor(8) as pool:
                 sent = list(pool.map(uploader.put, throughput_set))
             t_done = watcher.wait_for({(k, e) for k, e, _ in sent}, timeout_s=1800)
             pipeline_rate = len(sent) / (t_done - t0)
+            cpu_throughput = CpuMeter.spent(cpu0, meter.sample())
 
             # (c) latency at a steady rate.
             put_times: dict[tuple[str, str], float] = {}
@@ -184,12 +243,18 @@ def main() -> None:
             watcher.stop_flag.set()
             latencies = np.array([watcher.seen_at[k] - t for k, t in put_times.items()])
 
-            # The bare forward gets every thread the pipeline's model processes had together.
-            threads = stack.model_threads(settings, options)
+            # The bare forward gets every thread the pipeline's model processes had together, up to one
+            # per core: a lone forward with more threads than cores only runs slower, which would flatter
+            # a pipeline that runs more model processes than cores.
+            threads = min(stack.model_threads(settings, options), os.cpu_count() or 1)
+            cpu0 = meter.sample()
             bare_rate = bare_forward_images_per_s(settings, version, throughput_set, settings.batch_size, threads)
+            cpu_bare = CpuMeter.spent(cpu0, meter.sample())
         finally:
             stack.down(base, log=lambda *_: None)
 
+    print(f"cpu s during the throughput run ({len(throughput_set) / pipeline_rate:.1f} s wall): {cpu_throughput}")
+    print(f"cpu s during the bare forward (model load and decoding included): {cpu_bare}")
     print(f"pipeline: {len(throughput_set)} images in {len(throughput_set) / pipeline_rate:.1f} s; "
           f"bare forward: {bare_rate:.1f} img/s (batch {settings.batch_size}, {threads} threads); "
           f"latency at {args.rate}/s over {len(latencies)} images: p50 {np.percentile(latencies, 50):.2f} s")

@@ -65,9 +65,9 @@ class Catalog:
             raise FileExistsError(f"model version {card.version!r} already exists; versions are immutable")
         buf = io.BytesIO()
         torch.save(state_dict, buf)
-        self.store.put_whole(self.bucket, f"{MODELS_PREFIX}{card.version}/weights.pt", buf.getvalue())
-        self.store.put_whole(self.bucket, f"{MODELS_PREFIX}{card.version}/card.json",
-                             json.dumps(asdict(card), indent=2).encode(), content_type="application/json")
+        self.store.put(self.bucket, f"{MODELS_PREFIX}{card.version}/weights.pt", buf.getvalue())
+        self.store.put(self.bucket, f"{MODELS_PREFIX}{card.version}/card.json",
+                       json.dumps(asdict(card), indent=2).encode(), content_type="application/json")
 
     def card(self, version: str) -> ModelCard:
         try:

@@ -7,14 +7,12 @@ Errors are split in two kinds, because the pipeline treats them differently:
 from __future__ import annotations
 
 import io
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
 import urllib3
 from minio import Minio
-from minio.commonconfig import CopySource
 from minio.error import S3Error
 
 from hashlake.config import Settings
@@ -110,20 +108,15 @@ class ObjectStore:
 
     def put(self, bucket: str, key: str, body: bytes, *, content_type: str = "application/octet-stream",
             metadata: dict[str, str] | None = None) -> str:
-        """Write an object; return its etag. A single S3 PUT is all-or-nothing."""
+        """Write an object whole; return its etag.
+
+        One PUT is all-or-nothing on S3, MinIO and moto: a reader (a listing included) sees the
+        previous object or the new one, never part of it, and a writer that dies mid-upload leaves
+        nothing behind (above the SDK's multipart threshold, an incomplete upload that no listing
+        shows). So shards and model files are written with this too; no temporary name is needed."""
         with self._errors(bucket, key):
             res = self.client.put_object(bucket, key, io.BytesIO(body), len(body),
                                          content_type=content_type, metadata=metadata)
-        return _strip_etag(res.etag)
-
-    def put_whole(self, bucket: str, key: str, body: bytes, *, content_type: str = "application/octet-stream") -> str:
-        """Write under a temporary name, then copy to ``key``: readers listing the prefix never
-        see a partial object, and a crash leaves only a ``_tmp/`` object the reaper can delete."""
-        tmp = f"_tmp/{uuid.uuid4().hex}"
-        self.put(bucket, tmp, body, content_type=content_type)
-        with self._errors(bucket, key):
-            res = self.client.copy_object(bucket, key, CopySource(bucket, tmp))
-            self.client.remove_object(bucket, tmp)
         return _strip_etag(res.etag)
 
     def delete(self, bucket: str, key: str) -> None:

@@ -310,14 +310,14 @@ def write_codes_shard(store, settings, version, infos):
              "encoded_at": datetime.now(timezone.utc), "labels": []} for i in infos]
     table = build_codes_table(rows, np.zeros((len(rows), 8), np.uint8), ShardMeta(version, 64, "test"))
     name = codes_path(version, batch_id_for((i.bucket, i.key, i.etag) for i in infos))
-    store.put_whole(settings.index_bucket, name, to_parquet_bytes(table))
+    store.put(settings.index_bucket, name, to_parquet_bytes(table))
 
 
 def write_tombstone(store, settings, key, deleted_at):
     table = pa.table({"key": [key], "bucket": [settings.images_bucket], "deleted_at": [deleted_at]},
                      schema=TOMBSTONES_SCHEMA)
-    store.put_whole(settings.index_bucket, tombstones_path(batch_id_for([(settings.images_bucket, key, "")])),
-                    to_parquet_bytes(table))
+    store.put(settings.index_bucket, tombstones_path(batch_id_for([(settings.images_bucket, key, "")])),
+              to_parquet_bytes(table))
 
 
 def test_reconcile_without_a_model_says_so(intake_settings, store):
@@ -339,7 +339,7 @@ def test_reconciler_queues_unindexed_and_deletes_vanished(intake_settings, store
     failures = pa.table({"key": ["broken.jpg"], "bucket": [bucket], "etag": [infos["broken.jpg"].etag],
                          "reason": ["not_an_image"], "detail": ["x"], "model": ["v1"],
                          "failed_at": [datetime.now(timezone.utc)]}, schema=FAILURES_SCHEMA)
-    store.put_whole(settings.index_bucket, failures_path("v1", "f1"), to_parquet_bytes(failures))
+    store.put(settings.index_bucket, failures_path("v1", "f1"), to_parquet_bytes(failures))
     # An indexed object deleted from the bucket (its event lost), and one deleted and already tombstoned.
     write_codes_shard(store, settings, "v1", [replace(infos["indexed/a.jpg"], key="tombstoned.jpg", etag="t1")])
     write_tombstone(store, settings, "tombstoned.jpg", datetime.now(timezone.utc))

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import signal
 import socket
 import sys
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from pydantic import SecretStr
 
 from hashlake.services import free_port, port_open, spawn, wait_until
 from workers.intake import run_intake
+from workers.intake.events import minio_record, webhook_body
 from workers.intake.pending import IntakeKeys
 from workers.intake.sender import task_queue_names
 
@@ -109,3 +113,30 @@ def test_intake_refuses_a_webhook_port_in_use(settings):
         busy = settings.model_copy(update={"webhook_port": taken.getsockname()[1]})
         with pytest.raises(OSError, match="HASHLAKE_WEBHOOK_HOST/PORT"):
             run_intake(busy, metrics_port=0)
+
+
+def test_webhook_answers_kept_alive_connections_without_delayed_ack_stalls(settings):
+    """MinIO posts its events over kept-alive connections. With Nagle on at the intake, each answer
+    (head and body written apart) waited for the client's delayed ACK: >= 40 ms a POST."""
+    own = settings.model_copy(update={"webhook_port": free_port(), "reconcile_interval_s": 3600})
+    stop = threading.Event()
+    intake = threading.Thread(target=run_intake, args=(own,), kwargs={"stop": stop, "metrics_port": 0})
+    intake.start()
+    try:
+        wait_until(lambda: port_open(own.webhook_port), 30, "the intake webhook")
+        conn = http.client.HTTPConnection("127.0.0.1", own.webhook_port, timeout=10)
+        headers = {"Authorization": "Bearer test-token", "Content-Type": "application/json"}
+        started = time.perf_counter()
+        for i in range(20):
+            body = webhook_body([minio_record("s3:ObjectCreated:Put", own.images_bucket, f"k{i}.jpg",
+                                              etag=f"{i:032x}", size=1)])
+            conn.request("POST", "/minio/events", body=body, headers=headers)
+            resp = conn.getresponse()
+            assert resp.status == 200, resp.read()
+            resp.read()
+        elapsed = time.perf_counter() - started
+        conn.close()
+        assert elapsed < 0.4, f"20 POSTs on one connection took {elapsed:.2f} s"
+    finally:
+        stop.set()
+        intake.join(30)

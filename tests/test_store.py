@@ -25,7 +25,11 @@ def test_dead_server_is_unavailable(tmp_path):
         ObjectStore(dead, timeout_s=0.5, retries=0).get("images", "x.jpg")
 
 
-def test_put_whole_leaves_no_temporary(store, settings):
-    store.put_whole(settings.index_bucket, "codes/v1/abc.parquet", b"PAR1")
-    keys = [o.key for o in store.list(settings.index_bucket)]
-    assert keys == ["codes/v1/abc.parquet"]
+def test_put_writes_one_object_and_replaces_it_whole(store, settings):
+    """Shards are written with a plain PUT: the listing shows the final name only, and a rewrite (a
+    retried batch) replaces the object, with a new etag."""
+    first = store.put(settings.index_bucket, "codes/v1/abc.parquet", b"PAR1 first")
+    second = store.put(settings.index_bucket, "codes/v1/abc.parquet", b"PAR1 second")
+    listed = list(store.list(settings.index_bucket, "codes/"))
+    assert [(o.key, o.etag) for o in listed] == [("codes/v1/abc.parquet", second)] and first != second
+    assert store.get(settings.index_bucket, "codes/v1/abc.parquet")[0] == b"PAR1 second"

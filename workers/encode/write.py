@@ -1,8 +1,8 @@
 """Write stage: one codes shard, one failures shard and one tombstones shard per batch, each written whole.
 
 Names derive from the batch (``Batch.batch_id``, a hash of its (bucket, key, etag) set), so a
-duplicate or retried batch overwrites its own shards instead of adding rows; ``put_whole`` writes a
-temporary object and copies it to the final name, so a reader never lists half a shard.
+duplicate or retried batch overwrites its own shards instead of adding rows. Each shard is one PUT,
+which S3 makes all-or-nothing, so a reader never lists half a shard.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def write_codes(store: ObjectStore, bucket: str, card: ModelCard, batch_id: str,
     meta = shards.ShardMeta(model_version=card.version, bits=card.bits, backbone=card.backbone)
     table = shards.build_codes_table(rows, codes, meta)
     key = shards.codes_path(card.version, batch_id)
-    store.put_whole(bucket, key, shards.to_parquet_bytes(table), content_type=PARQUET)
+    store.put(bucket, key, shards.to_parquet_bytes(table), content_type=PARQUET)
     return key
 
 
@@ -52,7 +52,7 @@ def write_failures(store: ObjectStore, bucket: str, model_version: str, batch_id
              "detail": f.detail[:2000], "model": model_version, "failed_at": failed_at} for f in failures]
     table = pa.Table.from_pylist(rows, schema=shards.FAILURES_SCHEMA)
     key = shards.failures_path(model_version, batch_id)
-    store.put_whole(bucket, key, shards.to_parquet_bytes(table), content_type=PARQUET)
+    store.put(bucket, key, shards.to_parquet_bytes(table), content_type=PARQUET)
     return key
 
 
@@ -64,7 +64,7 @@ def write_tombstones(store: ObjectStore, bucket: str, batch: Batch, received_at:
             for o in batch.objects]
     table = pa.Table.from_pylist(rows, schema=shards.TOMBSTONES_SCHEMA)
     key = shards.tombstones_path(batch.batch_id)
-    store.put_whole(bucket, key, shards.to_parquet_bytes(table), content_type=PARQUET)
+    store.put(bucket, key, shards.to_parquet_bytes(table), content_type=PARQUET)
     return key
 
 
