@@ -197,6 +197,11 @@ def main() -> None:
         print(json.dumps(run_one(int(bits), int(n), args.repeats, args.batch, Path(workdir))), flush=True)
         return
 
+    from hashlake.native import loader
+
+    # which flat-scan kernel the figures below come from (hamming.c picks it per CPU at load)
+    print("flat scan of 64- and 256-bit codes: "
+          + ("AVX-512 VPOPCNTDQ" if loader.uses_avx512() else "POPCNT (no AVX-512 VPOPCNTDQ on this CPU)"), flush=True)
     results = []
     for n in [int(s) for s in args.sizes.split(",")]:
         for bits in [int(b) for b in args.bits.split(",")]:
