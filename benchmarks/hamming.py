@@ -96,13 +96,20 @@ def write_shards(folder: Path, codes: np.ndarray, version: str) -> None:
         pq.write_table(codes_table(codes[start:start + SHARD_ROWS], start, meta), path, compression="zstd")
 
 
-def median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+def medians_ms(fns: dict, repeats: int, rounds: int = 5) -> dict:
+    """Median ms of each callable over `repeats` calls, taken as `rounds` rounds in which every callable
+    runs a block of calls in turn: a block keeps its own data in cache, as a user's repeated queries
+    would, and drift in the machine's load (it is shared) falls on every callable alike instead of on
+    whichever was timed last."""
+    times = {name: [] for name in fns}
+    per_round = max(1, repeats // rounds)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
 def run_one(bits: int, n: int, repeats: int, batch: int, workdir: Path) -> dict:
@@ -147,38 +154,41 @@ def run_one(bits: int, n: int, repeats: int, batch: int, workdir: Path) -> dict:
     # radius searches are therefore timed with faiss on one thread, as the issue's baseline was;
     # the batch with faiss on every core.
     faiss.omp_set_num_threads(1)
-    qi = iter(range(10**9))
     single = [q.tobytes() for q in queries[:repeats]]
-    out["faiss_search_ms"] = median_ms(lambda: index.search(queries[next(qi) % repeats][None], 10), repeats)
-    qi = iter(range(10**9))
-    out["search_ms"] = median_ms(
-        lambda: con.execute(f"SELECT * FROM search('{single[next(qi) % repeats].hex()}', 10)").fetchall(), repeats)
-    qi = iter(range(10**9))
-    out["search_param_ms"] = median_ms(
-        lambda: con.execute("SELECT * FROM search(?, 10)", [single[next(qi) % repeats]]).fetchall(), repeats)
+
+    def cycling(fn):
+        """fn(i) called with the next query number on each call"""
+        calls = iter(range(10**9))
+        return lambda: fn(next(calls) % repeats)
+
+    out.update({f"{name}_ms": ms for name, ms in medians_ms({
+        "faiss_search": cycling(lambda i: index.search(queries[i][None], 10)),
+        "search": cycling(lambda i: con.execute(f"SELECT * FROM search('{single[i].hex()}', 10)").fetchall()),
+        "search_param": cycling(lambda i: con.execute("SELECT * FROM search(?, 10)", [single[i]]).fetchall()),
+    }, repeats).items()})
 
     q_table = pa.table({"qid": pa.array(np.arange(batch)),
                         "code": pa.array([q.tobytes() for q in queries[:batch]], pa.binary())})
     con.register("queries", q_table)
-    batch_repeats = max(3, repeats // 10)
+    batch_repeats = max(5, repeats // 20)
     faiss.omp_set_num_threads(THREADS)
-    out["faiss_batch_ms"] = median_ms(lambda: index.search(queries[:batch], 10), batch_repeats)
     batch_sql = "SELECT q.qid, unnest(search_list(q.code, 10), recursive := true) FROM queries q"
     rows = con.execute(batch_sql).fetchall()
     assert len(rows) == batch * 10
-    out["batch_ms"] = median_ms(lambda: con.execute(batch_sql).fetchall(), batch_repeats)
+    out.update({f"{name}_ms": ms for name, ms in medians_ms({
+        "faiss_batch": lambda: index.search(queries[:batch], 10),
+        "batch": lambda: con.execute(batch_sql).fetchall(),
+    }, batch_repeats).items()})
 
     faiss.omp_set_num_threads(1)
     for r in RADII:
-        qi = iter(range(10**9))
-        out[f"faiss_within_r{r}_ms"] = median_ms(
-            lambda: index.range_search(queries[next(qi) % repeats][None], r + 1), repeats)
-        qi = iter(range(10**9))
-        out[f"within_r{r}_ms"] = median_ms(
-            lambda: con.execute(f"SELECT * FROM within('{single[next(qi) % repeats].hex()}', {r})").fetchall(), repeats)
-        qi = iter(range(10**9))
-        out[f"within_r{r}_param_ms"] = median_ms(
-            lambda: con.execute("SELECT * FROM within(?, ?)", [single[next(qi) % repeats], r]).fetchall(), repeats)
+        out.update({f"{name}_ms": ms for name, ms in medians_ms({
+            f"faiss_within_r{r}": cycling(lambda i: index.range_search(queries[i][None], r + 1)),
+            f"within_r{r}": cycling(
+                lambda i: con.execute(f"SELECT * FROM within('{single[i].hex()}', {r})").fetchall()),
+            f"within_r{r}_param": cycling(
+                lambda i: con.execute("SELECT * FROM within(?, ?)", [single[i], r]).fetchall()),
+        }, repeats).items()})
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
@@ -187,7 +197,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1000000,10000000", help="comma-separated database sizes")
     parser.add_argument("--bits", default="64,256", help="comma-separated code lengths")
-    parser.add_argument("--repeats", type=int, default=30, help="timed runs per single-query measurement")
+    parser.add_argument("--repeats", type=int, default=100, help="timed runs per single-query measurement")
     parser.add_argument("--batch", type=int, default=1000, help="queries in the batch measurement")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # "bits,n,workdir": run one configuration (child)
     args = parser.parse_args()

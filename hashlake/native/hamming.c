@@ -1020,6 +1020,24 @@ static int finish(const hl_snapshot *snap, int64_t k, hl_hits *out) {
 	if (out->failed) {
 		return -1;
 	}
+	if (k > 0 && out->size > k) {
+		/* the scan keeps a superset (hundreds to thousands of rows): cut it to the k-th row's distance
+		 * by a count per distance, so that the tie rule's string comparisons sort ~k rows, not all */
+		int64_t counts[HL_MAX_BYTES * 8 + 2] = {0};
+		for (int64_t i = 0; i < out->size; i++) {
+			counts[out->items[i].distance]++;
+		}
+		int32_t cut = 0;
+		for (int64_t below = 0; (below += counts[cut]) < k; cut++) {
+		}
+		int64_t kept = 0;
+		for (int64_t i = 0; i < out->size; i++) {
+			if (out->items[i].distance <= cut) {
+				out->items[kept++] = out->items[i];
+			}
+		}
+		out->size = kept;
+	}
 	qsort_r(out->items, out->size, sizeof(hl_hit), compare_hits, (void *)snap);
 	if (k > 0 && out->size > k) {
 		out->size = k;
