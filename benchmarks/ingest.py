@@ -160,9 +160,11 @@ class ShardWatcher(threading.Thread):
         raise TimeoutError(f"{missing} of {len(wanted)} images not queryable after {timeout_s} s")
 
 
-def bare_forward_images_per_s(settings: Settings, version: str, images, batch_size: int, threads: int) -> float:
-    """Forward throughput of the same model on decoded, preprocessed tensors (median of batches)."""
+def bare_forward(settings: Settings, version: str, images, batch_size: int, threads: int) -> tuple[float, float]:
+    """Forward throughput of the same model on decoded, preprocessed tensors (median of batches), and
+    the CPU seconds the forward took per image (this process's user + system time over the timed loop)."""
     import io
+    import resource
 
     import torch
     from PIL import Image
@@ -181,11 +183,14 @@ def bare_forward_images_per_s(settings: Settings, version: str, images, batch_si
     batches = [b for b in batches if len(b) == batch_size] or batches
     model.encode(batches[0])  # warm-up
     per_batch = []
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
     for batch in batches:
         t0 = time.perf_counter()
         model.encode(batch)
         per_batch.append(len(batch) / (time.perf_counter() - t0))
-    return statistics.median(per_batch)
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
+    return statistics.median(per_batch), cpu_s / sum(len(b) for b in batches)
 
 
 def main() -> None:
@@ -225,7 +230,9 @@ def main() -> None:
                 sent = list(pool.map(uploader.put, throughput_set))
             t_done = watcher.wait_for({(k, e) for k, e, _ in sent}, timeout_s=1800)
             pipeline_rate = len(sent) / (t_done - t0)
-            cpu_throughput = CpuMeter.spent(cpu0, meter.sample())
+            cpu1 = meter.sample()
+            cpu_throughput = CpuMeter.spent(cpu0, cpu1)
+            s3_cpu_s = cpu1["s3"] - cpu0["s3"]
 
             # (c) latency at a steady rate.
             put_times: dict[tuple[str, str], float] = {}
@@ -248,7 +255,8 @@ def main() -> None:
             # a pipeline that runs more model processes than cores.
             threads = min(stack.model_threads(settings, options), os.cpu_count() or 1)
             cpu0 = meter.sample()
-            bare_rate = bare_forward_images_per_s(settings, version, throughput_set, settings.batch_size, threads)
+            bare_rate, forward_cpu_per_image = bare_forward(settings, version, throughput_set, settings.batch_size,
+                                                            threads)
             cpu_bare = CpuMeter.spent(cpu0, meter.sample())
         finally:
             stack.down(base, log=lambda *_: None)
@@ -258,6 +266,15 @@ def main() -> None:
     print(f"pipeline: {len(throughput_set)} images in {len(throughput_set) / pipeline_rate:.1f} s; "
           f"bare forward: {bare_rate:.1f} img/s (batch {settings.batch_size}, {threads} threads); "
           f"latency at {args.rate}/s over {len(latencies)} images: p50 {np.percentile(latencies, 50):.2f} s")
+    # What the ratio can reach on these cores while the S3 server runs beside the model, even if
+    # intake, Celery, decoding, writing and the uploads cost nothing: the pipeline needs at least the
+    # forward's CPU plus the S3 server's, and has os.cpu_count() cores to spend in its wall time.
+    cores = os.cpu_count() or 1
+    floor_s = (forward_cpu_per_image * len(throughput_set) + s3_cpu_s) / cores
+    ceiling = (len(throughput_set) / bare_rate) / floor_s
+    print(f"bare forward CPU {forward_cpu_per_image * 1e3:.1f} ms per image, S3 server "
+          f"{s3_cpu_s / len(throughput_set) * 1e3:.1f} ms per image: with the S3 server on the same {cores} cores "
+          f"the ratio cannot exceed {ceiling:.2f}")
     print(f"RESULT ingest_images_per_s {pipeline_rate:.2f}")
     print(f"RESULT bare_forward_images_per_s {bare_rate:.2f}")
     print(f"RESULT ingest_vs_bare_forward_ratio {pipeline_rate / bare_rate:.3f}")

@@ -108,6 +108,22 @@ def model_init(arch: str = "lsh_effnetlite0_64",
     console.print(f"published {card.version}: {card.description}")
 
 
+@model_app.command("publish")
+def model_publish(checkpoint: Annotated[Path, typer.Argument(help="a checkpoint written by hashing_models' trainer")],
+                  version: Annotated[Optional[str], typer.Option(help="version id (default <arch>-<px>px-<time>)")] = None,
+                  activate: bool = True) -> None:
+    """Publish a trained checkpoint as a model version (and activate it: the bucket is re-encoded)."""
+    from hashlake.models import publish_checkpoint
+
+    try:
+        card = publish_checkpoint(load_settings(), checkpoint, version=version, activate=activate)
+    except (OSError, ValueError) as exc:  # a missing, truncated or mismatched file; a version that exists
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    console.print(f"published {card.version}: {card.description}"
+                  + (" (active)" if activate else f"; activate it with `hashlake model activate {card.version}`"))
+
+
 @model_app.command("list")
 def model_list() -> None:
     """List model versions; the active one is starred."""

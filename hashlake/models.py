@@ -1,11 +1,15 @@
-"""Creating model versions in the catalog: ``init_model`` publishes the first, untrained one.
+"""Creating model versions in the catalog.
 
-Until trained hash heads exist, the initial version is a real ImageNet-pretrained backbone with a
-fixed, seeded random projection (LSH on deep features), and its card says so.
+``init_model`` publishes the first, untrained one: a real ImageNet-pretrained backbone with a fixed,
+seeded random projection (LSH on deep features), and its card says so. ``publish_checkpoint`` publishes
+a model trained by ``hashing_models`` (a checkpoint file) with the card the trainer wrote; activating it
+makes the workers encode with it and the reconciler re-encode the bucket under the new version.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timezone
+from pathlib import Path
 
 from hashlake.catalog import Catalog, ModelCard
 from hashlake.config import Settings
@@ -23,9 +27,8 @@ def init_model(settings: Settings, arch: str = DEFAULT_ARCH, img_size: int = DEF
     from hashing_models import create_model
 
     model = create_model(arch, pretrained=True, img_size=img_size)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     card = ModelCard(
-        version=f"{arch}-{img_size}px-{stamp}",
+        version=new_version(arch, img_size),
         arch=arch,
         method=model.method,
         backbone=model.backbone_name,
@@ -35,8 +38,38 @@ def init_model(settings: Settings, arch: str = DEFAULT_ARCH, img_size: int = DEF
                      f"(seeded) projection to {model.bits} bits (LSH on deep features); no hash head was trained"),
         data="ImageNet-1k (backbone only)",
     )
+    return _publish(settings, card, model.state_dict(), activate, store)
+
+
+def publish_checkpoint(settings: Settings, path: str | Path, *, version: str | None = None, activate: bool = True,
+                       store: ObjectStore | None = None) -> ModelCard:
+    """Publish a ``hashing_models`` checkpoint as a new model version (and, by default, activate it).
+
+    The weights are loaded into the checkpoint's architecture first, strictly, exactly as a worker
+    will load them, so a truncated or mismatched file is refused here (``CheckpointError``) and never
+    reaches the catalog. The card is the trainer's (method, training config, data, metrics) under a
+    new version id, ``<arch>-<px>px-<UTC time>`` unless ``version`` is given."""
+    from hashing_models.checkpoint import model_from_checkpoint
+
+    model, checkpoint = model_from_checkpoint(path)
+    card = ModelCard(**checkpoint.card)
+    card = replace(card, version=version or new_version(card.arch, card.input_size),
+                   created_at=datetime.now(timezone.utc).isoformat())
+    if (card.arch, card.bits, card.input_size) != (checkpoint.arch, model.bits, checkpoint.config.get("img_size")):
+        raise ValueError(f"checkpoint {path}: its card ({card.arch}, {card.bits} bits, {card.input_size} px) does "
+                         f"not describe its model ({checkpoint.arch}, {model.bits} bits, "
+                         f"{checkpoint.config.get('img_size')} px)")
+    return _publish(settings, card, model.state_dict(), activate, store)
+
+
+def new_version(arch: str, img_size: int) -> str:
+    return f"{arch}-{img_size}px-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+
+
+def _publish(settings: Settings, card: ModelCard, state_dict: dict, activate: bool,
+             store: ObjectStore | None) -> ModelCard:
     catalog = Catalog(store or ObjectStore(settings), settings)
-    catalog.publish(card, model.state_dict())
+    catalog.publish(card, state_dict)
     if activate:
         catalog.activate(card.version)
     return card

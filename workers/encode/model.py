@@ -60,7 +60,9 @@ def load_model(catalog: Catalog, version: str, device: "torch.device") -> Loaded
     from hashing_models import create_model
 
     card = catalog.card(version)
-    model = create_model(card.arch, pretrained=False, img_size=card.input_size)
+    # a trained card records the class count its classifier-aided head was built for (GreedyHash, DPN…)
+    options = {"num_classes": card.training["num_classes"]} if "num_classes" in card.training else {}
+    model = create_model(card.arch, pretrained=False, img_size=card.input_size, **options)
     load_into(model, catalog.weights(version), f"model version {version!r}")  # strict; names bad keys
     if model.bits != card.bits:
         raise ValueError(f"model version {version!r}: card says {card.bits} bits, "
