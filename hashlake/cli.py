@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from hashlake.config import Settings
 
@@ -197,7 +197,8 @@ def search(image: Path, k: Annotated[int, typer.Option("-k", help="how many neig
 
 
 def print_relation(columns: list[str], rows: list[tuple]) -> None:
-    table = Table(*columns)
+    # a narrow terminal wraps values inside their cells rather than cutting them to "…": SQL output is data
+    table = Table(*(Column(name, overflow="fold") for name in columns))
     for row in rows:
         table.add_row(*(v.hex() if isinstance(v, bytes) else str(v) for v in row))
     console.print(table)

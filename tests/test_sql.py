@@ -123,6 +123,33 @@ def test_local_folder_mode(tmp_path):
         sql.connect(local_dir=tmp_path)
 
 
+def test_every_column_comes_back_to_python_and_the_cli(tmp_path, monkeypatch):
+    """The README's join returns every column of codes, timestamps with time zone included (DuckDB's
+    client needs pytz for those: a missing dependency made `hashlake sql "SELECT * FROM codes"` fail)."""
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    from hashlake import cli
+
+    codes = random_codes(50, 64)
+    path = tmp_path / codes_path("only", "a")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(codes_shard([f"k{i}" for i in range(50)], codes, version="only"))
+    con = sql.connect(local_dir=tmp_path)
+    query = f"SELECT * FROM search('{codes[4].tobytes().hex()}', 3) JOIN codes USING (bucket, key)"
+    rows = con.execute(query).fetchall()
+    columns = [d[0] for d in con.description]
+    first = dict(zip(columns, rows[0]))
+    assert first["distance"] == 0 and first["last_modified"] == T0 + timedelta(minutes=1)
+    assert first["labels"] == ["cat"] and first["code"] == codes[4].tobytes()
+
+    monkeypatch.setattr(cli, "console", Console(width=400))  # one line per row, whatever the terminal
+    result = CliRunner().invoke(cli.app, ["sql", "--local", str(tmp_path), query])
+    assert result.exit_code == 0, result.output
+    assert "last_modified" in result.output and "2026-11-01 00:01:00+00:00" in result.output
+    assert codes[4].tobytes().hex() in result.output
+
+
 def test_empty_index_answers_nothing(settings, store):
     con = sql.connect(settings, model_version="empty")
     assert con.sql("SELECT count(*) FROM codes").fetchone()[0] == 0
