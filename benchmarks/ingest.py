@@ -13,7 +13,8 @@ moto_server sends no bucket notifications, so this script posts for each PUT the
 MinIO server would send (same schema, bearer token) to the intake. Before the RESULT lines (last) it
 prints where the CPU went during (a) and (b): seconds per stack process, this script, other
 processes on the machine ("elsewhere") and idle; the cores are shared, so read a run's figures with
-those lines.
+those lines. It also prints the CPU per image of the bare forward, the encode workers and the S3 server,
+and the ratio the workers' and the S3 server's CPU alone would allow on these cores.
 
     .venv/bin/python benchmarks/ingest.py [--images 600] [--rate 20] [--seconds 30]
 """
