@@ -7,6 +7,8 @@ format, a few large shards) to a local folder, loaded the way the product loads 
     single query, k=10     SELECT * FROM search('<hex>', 10)             vs  index.search(q, 10)
     1,000 queries, k=10    SELECT … unnest(search_list(code, 10)) FROM queries  vs  index.search(Q, 10)
     radius 2 and 4         SELECT * FROM within('<hex>', r)              vs  index.range_search(q, r + 1)
+    search + labels        search_rows('<hex>', 10), and search('<hex>', 10) JOIN codes USING
+                           (bucket, key): ms only (faiss has no such step); both read the shards
 
 Single queries are timed as a SQL user writes them, the code in the statement; the same query with
 the code as a bound parameter (``search(?, 10)``) is timed too and printed as *_param_* lines: the
@@ -189,6 +191,17 @@ def run_one(bits: int, n: int, repeats: int, batch: int, workdir: Path) -> dict:
             f"within_r{r}_param": cycling(
                 lambda i: con.execute("SELECT * FROM within(?, ?)", [single[i], r]).fetchall()),
         }, repeats).items()})
+    # What a user pays to get more than the key (labels, sizes, times): the in-memory index holds codes
+    # and identity only, so both forms read the shards; the join applies the codes view's one-row-per-key
+    # rule to every row, search_rows to the hits' keys.
+    join_sql = (f"SELECT s.key, s.distance, c.labels FROM search('{single[0].hex()}', 10) s "
+                "JOIN codes c USING (bucket, key) ORDER BY s.distance, s.bucket, s.key")
+    rows_sql = f"SELECT key, distance, labels FROM search_rows('{single[0].hex()}', 10)"
+    assert con.execute(join_sql).fetchall() == con.execute(rows_sql).fetchall()
+    out.update({f"{name}_ms": ms for name, ms in medians_ms({
+        "search_join_codes": lambda: con.execute(join_sql).fetchall(),
+        "search_rows": lambda: con.execute(rows_sql).fetchall(),
+    }, 3, rounds=1).items()})
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
@@ -231,6 +244,8 @@ def main() -> None:
                   f"batch {res['batch_ms']:.0f} ms vs {res['faiss_batch_ms']:.0f}; "
                   + "; ".join(f"within r{r} {res[f'within_r{r}_ms']:.2f} ms vs {res[f'faiss_within_r{r}_ms']:.2f}"
                               for r in RADII)
+                  + f"; with labels: search_rows {res['search_rows_ms']:.0f} ms, search joined to codes "
+                  f"{res['search_join_codes_ms']:.0f} ms"
                   + f"; memory: codes {mem['codes'] / res['packed_bytes']:.2f}x packed, tables "
                   f"{mem['mih'] / res['packed_bytes']:.2f}x, identity {mem['identity'] / 2**20:.0f} MB; "
                   f"peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
@@ -247,6 +262,8 @@ def main() -> None:
         mem = res["memory"]
         print(f"RESULT codes_memory_vs_packed_{tag} {(mem['codes'] + mem['hidden']) / res['packed_bytes']:.3f}")
         print(f"RESULT mih_memory_vs_packed_{tag} {mem['mih'] / res['packed_bytes']:.3f}")
+        print(f"RESULT search_join_codes_ms_{tag} {res['search_join_codes_ms']:.1f}")
+        print(f"RESULT search_rows_ms_{tag} {res['search_rows_ms']:.1f}")
     print(f"RESULT peak_rss_mb {max(r['peak_rss_mb'] for r in results):.0f}")
 
 

@@ -171,7 +171,8 @@ def upload(source: Annotated[Path, typer.Argument(help="a CIFAR-style .parquet o
 
 @app.command()
 def sql(query: str, local: Annotated[Optional[Path], typer.Option(help="read shards from this folder")] = None) -> None:
-    """Run a SQL query over the index (views codes, failures; search(), within(), hamming(), hash_image())."""
+    """Run a SQL query over the index (views codes, failures; search(), within(), search_rows(), within_rows(),
+    hamming(), hash_image())."""
     from hashlake.sql import connect
 
     con = connect(load_settings(), local_dir=local)
@@ -191,8 +192,7 @@ def search(image: Path, k: Annotated[int, typer.Option("-k", help="how many neig
         raise typer.BadParameter(f"{image} is not a file")
     con = connect(load_settings(), local_dir=local)
     rel = con.execute(
-        "SELECT s.key, s.distance, c.labels FROM search(hash_image(?), ?) s JOIN codes c USING (key) "
-        "ORDER BY s.distance, s.key", [str(image.resolve()), k])
+        "SELECT key, distance, labels FROM search_rows(hash_image(?), ?)", [str(image.resolve()), k])
     print_relation([d[0] for d in rel.description], rel.fetchall())
 
 

@@ -54,8 +54,7 @@ def _demo(settings: Settings, dataset: Path, limit: int, console: Console) -> No
         tmp.write(query.body)
         tmp.flush()
         rows = con.execute(
-            "SELECT s.key, s.distance, array_to_string(c.labels, ',') AS labels "
-            "FROM search(hash_image(?), 10) s JOIN codes c USING (key) ORDER BY s.distance, s.key",
+            "SELECT key, distance, array_to_string(labels, ',') AS labels FROM search_rows(hash_image(?), 10)",
             [tmp.name]).fetchall()
     table = Table("rank", "key", "distance", "labels", title=f"top 10 for {query.name} ({', '.join(query.labels)})")
     for rank, (key, distance, labels) in enumerate(rows, 1):

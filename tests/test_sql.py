@@ -77,6 +77,27 @@ def test_views_and_functions_over_the_store(settings, loaded):
         con.execute("SELECT hamming(code, 'ffff') FROM codes").fetchall()
 
 
+def test_rows_forms_equal_the_join_to_codes(settings, loaded):
+    """search_rows / within_rows apply the view's one-row-per-key rule to the hits' keys only: the same rows
+    as joining codes, including a key overwritten by a later shard (k00001) and a deleted one (k00002)."""
+    con = sql.connect(settings, model_version=VERSION)
+    columns = [name for (name,) in con.sql("SELECT column_name FROM (DESCRIBE codes)").fetchall()]
+    select = ", ".join(f"c.{name}" for name in columns)
+    for q in (loaded[0], loaded[1], loaded[2], loaded[7]):  # k00001's new code, its old one, k00002's, any
+        for rows_form, plain in (("search_rows(?, 12)", "search(?, 12)"), ("within_rows(?, 18)", "within(?, 18)")):
+            expected = con.execute(f"SELECT {select}, s.distance FROM {plain} s JOIN codes c USING (bucket, key) "
+                                   "ORDER BY s.distance, s.bucket, s.key", [q.tobytes()]).fetchall()
+            got = con.execute(f"SELECT * FROM {rows_form}", [q.tobytes().hex()]).fetchall()
+            assert got == expected and got
+            assert [d[0] for d in con.description] == columns + ["distance"]
+    keys = [r[0] for r in con.execute("SELECT key FROM search_rows(?, 3)", [loaded[2].tobytes()]).fetchall()]
+    assert "k00002" not in keys
+    exact = con.execute("SELECT key, etag FROM within_rows(?, 0)", [loaded[0].tobytes()]).fetchall()
+    assert ("k00001", "etag-k00001-9") in exact and ("k00001", "etag-k00001-1") not in exact
+    with pytest.raises(Exception, match="query code has 128 bits but the index .* holds 64-bit codes"):
+        con.execute("SELECT * FROM search_rows(?, 3)", [b"\x00" * 16]).fetchall()
+
+
 def test_batch_across_vectors_equals_single_queries(settings, loaded):
     con = sql.connect(settings, model_version=VERSION)
     queries = random_codes(3000, 64, seed=1)
