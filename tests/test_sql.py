@@ -213,8 +213,36 @@ def test_hash_image_uses_the_active_model(settings, store, tmp_path):
     assert sql.hash_image(con, image_path) == expected.tobytes()
     hits = con.execute("SELECT key, distance FROM search(hash_image(?), 2)", [str(image_path)]).fetchall()
     assert hits == [("red.png", 0), ("other.png", 64)]
+    rows = con.execute("SELECT key, distance, labels FROM search_rows(hash_image(?), 2)", [str(image_path)]).fetchall()
+    assert rows == [("red.png", 0, ["cat"]), ("other.png", 64, ["cat"])]
     with pytest.raises(Exception, match="is not a file"):
         con.execute("SELECT hash_image('/nonexistent.jpg')").fetchall()
+
+
+def test_cli_search_prints_the_nearest_with_labels(settings, store, tmp_path, monkeypatch):
+    from PIL import Image
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    from hashing_models.preprocess import prepare_images
+    from hashlake import cli
+
+    model = publish_test_model(settings, store, "lsh-cli")
+    image_path = tmp_path / "blue.png"
+    Image.new("RGB", (40, 30), (20, 30, 200)).save(image_path)
+    code = model.encode(prepare_images([Image.open(image_path)], model.input_config))[0]
+    store.put(settings.index_bucket, codes_path("lsh-cli", "a"),
+              codes_shard(["far.png", "blue.png"], np.stack([~code, code]), version="lsh-cli"))
+    env = {"HASHLAKE_S3_ENDPOINT": settings.s3_endpoint,
+           "HASHLAKE_S3_ACCESS_KEY": settings.s3_access_key.get_secret_value(),
+           "HASHLAKE_S3_SECRET_KEY": settings.s3_secret_key.get_secret_value(),
+           "HASHLAKE_INDEX_BUCKET": settings.index_bucket}
+    monkeypatch.setattr(cli, "console", Console(width=200))
+    result = CliRunner().invoke(cli.app, ["search", str(image_path), "-k", "2"], env=env)
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if ".png" in line]
+    assert ["blue.png" in lines[0], "far.png" in lines[1]] == [True, True]
+    assert "'cat'" in lines[0] and " 0 " in lines[0] and " 64 " in lines[1]
 
 
 def test_hash_image_decodes_like_the_workers(settings, store):
