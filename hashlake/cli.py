@@ -7,6 +7,7 @@ run after ``hashlake stack up`` talk to that stack without further setup.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -118,7 +119,7 @@ def model_publish(checkpoint: Annotated[Path, typer.Argument(help="a checkpoint 
     try:
         card = publish_checkpoint(load_settings(), checkpoint, version=version, activate=activate)
     except (OSError, ValueError) as exc:  # a missing, truncated or mismatched file; a version that exists
-        console.print(f"[red]{exc}[/]")
+        console.print(str(exc), style="red", markup=False)
         raise typer.Exit(1) from None
     console.print(f"published {card.version}: {card.description}"
                   + (" (active)" if activate else f"; activate it with `hashlake model activate {card.version}`"))
@@ -176,10 +177,11 @@ def sql(query: str, local: Annotated[Optional[Path], typer.Option(help="read sha
     from hashlake.sql import connect
 
     con = connect(load_settings(), local_dir=local)
-    result = con.sql(query)
-    if result is None:
-        return
-    print_relation(result.columns, result.fetchall())
+    with query_errors():
+        result = con.sql(query)
+        if result is None:
+            return
+        print_relation(result.columns, result.fetchall())
 
 
 @app.command()
@@ -191,9 +193,23 @@ def search(image: Path, k: Annotated[int, typer.Option("-k", help="how many neig
     if not image.is_file():
         raise typer.BadParameter(f"{image} is not a file")
     con = connect(load_settings(), local_dir=local)
-    rel = con.execute(
-        "SELECT key, distance, labels FROM search_rows(hash_image(?), ?)", [str(image.resolve()), k])
-    print_relation([d[0] for d in rel.description], rel.fetchall())
+    with query_errors():
+        rel = con.execute(
+            "SELECT key, distance, labels FROM search_rows(hash_image(?), ?)", [str(image.resolve()), k])
+        print_relation([d[0] for d in rel.description], rel.fetchall())
+
+
+@contextmanager
+def query_errors():
+    """A query's error (bad SQL, an image that is not one, a code of the wrong length) is the user's to
+    read, not a traceback: DuckDB's message, then exit status 1."""
+    import duckdb
+
+    try:
+        yield
+    except duckdb.Error as exc:
+        console.print(str(exc), style="red", markup=False)
+        raise typer.Exit(1) from None
 
 
 def print_relation(columns: list[str], rows: list[tuple]) -> None:

@@ -244,6 +244,14 @@ def test_cli_search_prints_the_nearest_with_labels(settings, store, tmp_path, mo
     assert ["blue.png" in lines[0], "far.png" in lines[1]] == [True, True]
     assert "'cat'" in lines[0] and " 0 " in lines[0] and " 64 " in lines[1]
 
+    # a file that is not an image, and SQL that does not parse: DuckDB's message and status 1, no traceback
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    result = CliRunner().invoke(cli.app, ["search", str(notes)], env=env)
+    assert result.exit_code == 1 and "not_an_image" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(cli.app, ["sql", "SELEC key FROM codes"], env=env)
+    assert result.exit_code == 1 and "syntax error" in result.output and "Traceback" not in result.output
+
 
 def test_hash_image_decodes_like_the_workers(settings, store):
     """EXIF orientation, mode conversion and refusals are the encode workers' (hashing_models.decode)."""
