@@ -158,11 +158,11 @@ def _register_functions(con: duckdb.DuckDBPyConnection, state: _ConnectionState)
     con.execute("CREATE MACRO within_list(query, radius) AS hashlake_within_list(hashlake_code(query), radius)")
     # search_rows / within_rows: every column of codes for the hits, plus distance. The same answer as
     # `search(q, k) JOIN codes USING (bucket, key)`, but the one-row-per-key rule runs on the hits' keys
-    # only: the join against the whole view applies it to every row first (measured at 1M codes: 0.54 s
-    # against 0.07 s; the shards' key column is still read once).
+    # only: the join against the whole view applies it to every row first (benchmarks/hamming.py, 1M
+    # codes: 0.5-0.66 s against 0.11-0.16 s; the shards' key column is still read once).
+    hits_rows = visible_rows_sql("(SELECT * FROM _hashlake_code_rows WHERE key IN (SELECT key FROM hits))",
+                                 "tombstones")
     for name, table_function in (("search_rows", "search(query, n)"), ("within_rows", "within(query, n)")):
-        hits_rows = visible_rows_sql("(SELECT * FROM _hashlake_code_rows WHERE key IN (SELECT key FROM hits))",
-                                     "tombstones")
         con.execute(f"""
             CREATE MACRO {name}(query, n) AS TABLE
             WITH hits AS (SELECT * FROM {table_function})
