@@ -93,3 +93,12 @@ def jpeg_bytes(color=(200, 30, 30), size=(48, 40)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="JPEG")
     return buf.getvalue()
+
+
+def cli_env(settings: Settings) -> dict[str, str]:
+    """The HASHLAKE_* variables that point the `hashlake` command at a test's services and buckets."""
+    return {"HASHLAKE_S3_ENDPOINT": settings.s3_endpoint,
+            "HASHLAKE_S3_ACCESS_KEY": settings.s3_access_key.get_secret_value(),
+            "HASHLAKE_S3_SECRET_KEY": settings.s3_secret_key.get_secret_value(),
+            "HASHLAKE_IMAGES_BUCKET": settings.images_bucket,
+            "HASHLAKE_INDEX_BUCKET": settings.index_bucket}

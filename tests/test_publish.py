@@ -25,6 +25,8 @@ from workers.encode.model import ModelHandle
 from workers.encode.runner import encode_batch
 from workers.messages import Batch, ObjectRef
 
+from conftest import cli_env
+
 CIFAR10 = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "cifar10.parquet"
 
 pytestmark = [
@@ -91,11 +93,7 @@ def test_a_bad_checkpoint_or_a_taken_version_publishes_nothing(settings, store, 
 def test_cli_names_the_bad_file_and_fails(settings, store, tmp_path):
     bad = tmp_path / "notes.pt"
     bad.write_text("not a checkpoint")
-    env = {"HASHLAKE_S3_ENDPOINT": settings.s3_endpoint,
-           "HASHLAKE_S3_ACCESS_KEY": settings.s3_access_key.get_secret_value(),
-           "HASHLAKE_S3_SECRET_KEY": settings.s3_secret_key.get_secret_value(),
-           "HASHLAKE_INDEX_BUCKET": settings.index_bucket}
-    result = CliRunner().invoke(app, ["model", "publish", str(bad)], env=env)
+    result = CliRunner().invoke(app, ["model", "publish", str(bad)], env=cli_env(settings))
     assert result.exit_code == 1
     assert "notes.pt" in result.output and "cannot be read" in result.output
     assert Catalog(store, settings).versions() == []

@@ -15,6 +15,8 @@ from hashlake import sql
 from hashlake.shards import (FAILURES_SCHEMA, TOMBSTONES_SCHEMA, ShardMeta, build_codes_table, codes_path,
                              failures_path, to_parquet_bytes, tombstones_path)
 
+from conftest import cli_env
+
 T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
 VERSION = "v1"
 N = 2500  # crosses DuckDB's 2,048-row vector
@@ -233,10 +235,7 @@ def test_cli_search_prints_the_nearest_with_labels(settings, store, tmp_path, mo
     code = model.encode(prepare_images([Image.open(image_path)], model.input_config))[0]
     store.put(settings.index_bucket, codes_path("lsh-cli", "a"),
               codes_shard(["far.png", "blue.png"], np.stack([~code, code]), version="lsh-cli"))
-    env = {"HASHLAKE_S3_ENDPOINT": settings.s3_endpoint,
-           "HASHLAKE_S3_ACCESS_KEY": settings.s3_access_key.get_secret_value(),
-           "HASHLAKE_S3_SECRET_KEY": settings.s3_secret_key.get_secret_value(),
-           "HASHLAKE_INDEX_BUCKET": settings.index_bucket}
+    env = cli_env(settings)
     monkeypatch.setattr(cli, "console", Console(width=200))
     result = CliRunner().invoke(cli.app, ["search", str(image_path), "-k", "2"], env=env)
     assert result.exit_code == 0, result.output
