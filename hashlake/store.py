@@ -96,8 +96,13 @@ class ObjectStore:
                 if max_bytes is not None and info.size > max_bytes:
                     raise ObjectTooLarge(f"s3://{bucket}/{key} is {info.size} bytes, over the limit of {max_bytes}")
                 body = resp.read()
+            except BaseException:
+                resp.close()  # the body is left unread: this connection cannot carry another request
+                raise
             finally:
-                resp.close()
+                # Back to the pool: a server that keeps connections alive (MinIO) takes the next request
+                # on it. Closing it after every read, as the SDK's examples do, costs a TCP connection per
+                # GET there. (moto_server closes every connection itself, so locally it makes no difference.)
                 resp.release_conn()
         return body, info
 

@@ -32,7 +32,7 @@ from hashlake.shards import (
 from workers.intake import reconcile_once
 from workers.intake.batcher import Batcher
 from workers.intake.events import MalformedEvent, parse_access_element, parse_webhook_body
-from workers.intake.pending import IntakeKeys, intake_redis
+from workers.intake.pending import IntakeKeys, claim_many, intake_redis
 from workers.intake.reconciler import Reconciler
 from workers.intake.redis_source import RedisListConsumer
 from workers.intake.sender import BatchSender, task_queue_names
@@ -259,6 +259,25 @@ def test_batcher_respects_batch_size_and_dedups(client, keys, sender, queue):
     names = [name for name, _ in sent_tasks(client, queue)]
     assert names.count(TOMBSTONE_TASK) == 1 and len(names) == 4
     assert client.llen(keys.pending) == client.llen(keys.pending_processing) == 0
+
+
+def test_claim_many_moves_the_oldest_in_order(client, keys):
+    client.rpush(keys.pending, *[b"e%d" % i for i in range(5)])
+    client.rpush(keys.pending_processing, b"held")
+    assert claim_many(client, keys.pending, keys.pending_processing, 3) == [b"e0", b"e1", b"e2"]
+    assert client.lrange(keys.pending, 0, -1) == [b"e3", b"e4"]
+    assert client.lrange(keys.pending_processing, 0, -1) == [b"held", b"e0", b"e1", b"e2"]
+    assert claim_many(client, keys.pending, keys.pending_processing, 10) == [b"e3", b"e4"]
+    assert claim_many(client, keys.pending, keys.pending_processing, 10) == []
+
+
+def test_batcher_claims_nothing_past_a_full_batch(client, keys, sender, queue):
+    push_events(client, keys, *[record(key=f"k{i:02d}.jpg") for i in range(70)])
+    batcher = Batcher(client, keys, sender, batch_size=32, window_ms=60_000)
+    batcher.step()
+    ((_, batch),) = sent_tasks(client, queue)
+    assert [o["key"] for o in batch["objects"]] == [f"k{i:02d}.jpg" for i in range(32)]
+    assert client.llen(keys.pending) == 38 and client.llen(keys.pending_processing) == 0 and not batcher.open
 
 
 def test_batcher_sends_after_the_window(client, keys, sender, queue):

@@ -23,6 +23,7 @@ from workers.intake.pending import (
     HEARTBEAT_TTL_S,
     IntakeKeys,
     claim,
+    claim_many,
     dead_letter,
     decode_entry,
     give_back_claimed,
@@ -75,11 +76,9 @@ class Batcher:
         self._ack_sent()
         self._send_due()  # first: a batch that failed to send is retried before it could grow
         raw = claim(self.client, self.keys.pending, self.keys.pending_processing, self._wait_s())
-        while raw is not None:
+        if raw is not None:
             self._add(raw)
-            if any(self._due(b) for b in self.open.values()):
-                break
-            raw = claim(self.client, self.keys.pending, self.keys.pending_processing, 0)  # drain, no wait
+            self._drain()
         self._send_due()
 
     def flush(self) -> None:
@@ -93,6 +92,18 @@ class Batcher:
                             "next start", kind, exc)
 
     # -- helpers --------------------------------------------------------------------------------
+    def _drain(self) -> None:
+        """Claim what is already waiting, a chunk per round trip, until a batch is due or nothing waits.
+        A chunk is at most what the fullest open batch still lacks (an entry adds at most one object to
+        one batch), so no batch overfills and nothing is claimed past a full batch."""
+        while not any(self._due(b) for b in self.open.values()):
+            room = self.batch_size - max((len(b.refs) for b in self.open.values()), default=0)
+            chunk = claim_many(self.client, self.keys.pending, self.keys.pending_processing, room)
+            if not chunk:
+                return
+            for raw in chunk:
+                self._add(raw)
+
     def _add(self, raw: bytes) -> None:
         try:
             event, _source = decode_entry(raw)

@@ -118,6 +118,24 @@ def claim(client: redis.Redis, source: str, processing: str, timeout_s: float) -
     return client.blmove(source, processing, timeout_s, "LEFT", "RIGHT")
 
 
+# LRANGE + LTRIM + RPUSH in one script: Redis runs a script atomically, so an element is in exactly one
+# of the two lists at every moment, as with LMOVE. KEYS: source, processing; ARGV: how many at most.
+_CLAIM_MANY = """
+local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+if #items > 0 then
+  redis.call('LTRIM', KEYS[1], #items, -1)
+  redis.call('RPUSH', KEYS[2], unpack(items))
+end
+return items
+"""
+
+
+def claim_many(client: redis.Redis, source: str, processing: str, limit: int) -> list[bytes]:
+    """Move up to ``limit`` of the oldest elements of ``source`` to the tail of ``processing``, in order,
+    atomically and without waiting; one round trip instead of one LMOVE per element."""
+    return client.eval(_CLAIM_MANY, 2, source, processing, limit)
+
+
 def give_back_claimed(client: redis.Redis, processing: str, source: str) -> int:
     """Move everything a previous run claimed but did not finish back to the head of ``source``, in order.
 
