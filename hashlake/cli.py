@@ -113,7 +113,8 @@ def model_init(arch: str = "lsh_effnetlite0_64",
 def model_publish(checkpoint: Annotated[Path, typer.Argument(help="a checkpoint written by hashing_models' trainer")],
                   version: Annotated[Optional[str], typer.Option(help="version id (default <arch>-<px>px-<time>)")] = None,
                   activate: bool = True) -> None:
-    """Publish a trained checkpoint as a model version (and activate it: the bucket is re-encoded)."""
+    """Publish a trained checkpoint as a model version (and activate it: the bucket is re-encoded).
+    With --no-activate, `hashlake model promote VERSION` switches without emptying the index."""
     from hashlake.models import publish_checkpoint
 
     try:
@@ -122,7 +123,28 @@ def model_publish(checkpoint: Annotated[Path, typer.Argument(help="a checkpoint 
         console.print(str(exc), style="red", markup=False)
         raise typer.Exit(1) from None
     console.print(f"published {card.version}: {card.description}"
-                  + (" (active)" if activate else f"; activate it with `hashlake model activate {card.version}`"))
+                  + (" (active)" if activate else f"; switch to it with `hashlake model promote {card.version}`"))
+
+
+@model_app.command("promote")
+def model_promote(version: str,
+                  timeout: Annotated[float, typer.Option(help="seconds to wait for the re-encode")] = 3600.0,
+                  poll: Annotated[float, typer.Option(help="seconds between progress checks")] = 5.0) -> None:
+    """Re-encode the bucket under VERSION while the active version keeps serving, then activate VERSION."""
+    from hashlake.catalog import ModelNotFound
+    from scheduler.promote import PromoteError, promote
+
+    def progress(summary) -> None:
+        console.print(f"{version}: {summary.indexed + summary.failed} of {summary.listed} objects encoded "
+                      f"({summary.failed} failed), {summary.missing} to go", markup=False)
+
+    try:
+        result = promote(load_settings(), version, timeout_s=timeout, poll_s=poll, progress=progress)
+    except (ModelNotFound, PromoteError) as exc:
+        console.print(str(exc), style="red", markup=False)
+        raise typer.Exit(1) from None
+    console.print(f"active model is now {result.version} (was {result.previous}): {result.indexed} objects "
+                  f"indexed, {result.failed} failed, in {result.seconds:.0f} s", markup=False)
 
 
 @model_app.command("list")

@@ -1,6 +1,6 @@
 """Nightly retraining (beat ▶ Ray job: train ▶ evaluate ▶ re-encode ▶ promote).
 
-Not built yet: no issue has asked for it. The pieces it will assemble exist — the trainer
-(hashing_models.trainer), model versions and the active pointer (hashlake.catalog), and the encode
-stages (workers.encode) that a re-encode job reuses.
+Built so far: ``promote`` (re-encode the bucket under a published version, then switch the active
+pointer; ``hashlake model promote``). Not built yet: the beat schedule and the Ray job that trains and
+evaluates, then publishes (``hashlake.models.publish_checkpoint(activate=False)``) and promotes.
 """

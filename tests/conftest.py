@@ -101,4 +101,6 @@ def cli_env(settings: Settings) -> dict[str, str]:
             "HASHLAKE_S3_ACCESS_KEY": settings.s3_access_key.get_secret_value(),
             "HASHLAKE_S3_SECRET_KEY": settings.s3_secret_key.get_secret_value(),
             "HASHLAKE_IMAGES_BUCKET": settings.images_bucket,
-            "HASHLAKE_INDEX_BUCKET": settings.index_bucket}
+            "HASHLAKE_INDEX_BUCKET": settings.index_bucket,
+            "HASHLAKE_REDIS_URL": settings.redis_url,
+            "HASHLAKE_EVENTS_KEY": settings.events_key}

@@ -121,6 +121,38 @@ def test_handle_follows_the_active_pointer(settings, store, model_card):
     assert pinned.current().version == model_card.version
 
 
+def test_a_batch_naming_a_version_is_encoded_with_it_beside_the_active_one(settings, store, model_card, cifar_jpegs):
+    # Another input size: another model version, whose codes differ from the active one's.
+    staged = init_model(settings, "lsh_effnetlite0_64", img_size=IMG_SIZE + 32, activate=False, store=store)
+    good = [(f"k{i}.jpg", body, "") for i, (_, _, body) in enumerate(cifar_jpegs[:6])]
+    refs = upload(store, settings.images_bucket, good)
+    handle = ModelHandle(settings, store, check_interval_s=0.0)
+    result = encode_batch(Batch("encode", tuple(refs), model_version=staged.version), settings, handle, store=store)
+    assert result.model_version == staged.version
+    assert result.codes_key == shards.codes_path(staged.version, Batch("encode", tuple(refs)).batch_id)
+    loaded = handle.current(staged.version)
+    images = [Image.open(io.BytesIO(body)).convert("RGB") for _, body, _ in good]
+    expected = loaded.model.encode(prepare_images(images, loaded.model.input_config))
+    rows = {r["key"]: r["code"] for r in read_table(store, settings.index_bucket, result.codes_key).to_pylist()}
+    np.testing.assert_array_equal(np.stack([np.frombuffer(rows[k], np.uint8) for k, _, _ in good]), expected)
+    # The followed version is still the active one; once the pointer moves, the staged model is reused.
+    assert handle.current().version == model_card.version
+    assert encode_batch(Batch("encode", tuple(refs)), settings, handle, store=store).model_version == model_card.version
+    Catalog(store, settings).activate(staged.version)
+    assert handle.current() is loaded
+
+
+def test_batch_messages_carry_their_model_version():
+    refs = (ObjectRef("images", "a.jpg", "e1"), ObjectRef("images", "b.jpg", "e2"))
+    staged = Batch("encode", refs, model_version="v2")
+    assert Batch.from_json(staged.to_json()) == staged
+    halves = split_batch(staged, deaths=2)
+    assert [h.model_version for h in halves] == ["v2", "v2"]
+    assert Batch.from_json(Batch("encode", refs).to_json()).model_version is None
+    with pytest.raises(ValueError, match="model_version 7 is not a version id"):
+        Batch.from_json({**staged.to_json(), "model_version": 7})
+
+
 def test_tombstone_batch(settings, store):
     batch = Batch("delete", (ObjectRef(settings.images_bucket, "gone.jpg", event_time="2026-11-22T10:00:00Z"),))
     key = tombstone_batch(batch, settings, store)

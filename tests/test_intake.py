@@ -31,13 +31,13 @@ from hashlake.shards import (
 )
 from workers.intake import reconcile_once
 from workers.intake.batcher import Batcher
-from workers.intake.events import MalformedEvent, parse_access_element, parse_webhook_body
-from workers.intake.pending import IntakeKeys, claim_many, intake_redis
-from workers.intake.reconciler import Reconciler
+from workers.intake.events import MalformedEvent, ObjectEvent, parse_access_element, parse_webhook_body
+from workers.intake.pending import IntakeKeys, claim_many, decode_entry, encode_entry, intake_redis
+from workers.intake.reconciler import Reconciler, open_reconciler
 from workers.intake.redis_source import RedisListConsumer
 from workers.intake.sender import BatchSender, task_queue_names
 from workers.intake.webhook import WEBHOOK_PATH, create_webhook_app
-from workers.messages import ENCODE_TASK, TOMBSTONE_TASK
+from workers.messages import ENCODE_TASK, TOMBSTONE_TASK, ObjectRef
 
 EVENTS = Path(__file__).resolve().parents[2] / "shared" / "events"
 AUTH = {"Authorization": "Bearer test-token"}
@@ -254,7 +254,7 @@ def test_batcher_respects_batch_size_and_dedups(client, keys, sender, queue):
         (ENCODE_TASK, ["k0.jpg", "k1.jpg", "k2.jpg"]), (ENCODE_TASK, ["k3.jpg", "k4.jpg", "k5.jpg"])]
     assert tasks[0][1]["batch_id"] == batch_id_for([("images", f"k{i}.jpg", "e1") for i in range(3)])
     # k6 + the duplicate k0 (a new batch: k0 was already sent) and the delete wait for the window.
-    assert {k: len(b.refs) for k, b in batcher.open.items()} == {"encode": 2, "delete": 1}
+    assert {k: len(b.refs) for k, b in batcher.open.items()} == {("encode", None): 2, ("delete", None): 1}
     batcher.flush()
     names = [name for name, _ in sent_tasks(client, queue)]
     assert names.count(TOMBSTONE_TASK) == 1 and len(names) == 4
@@ -402,6 +402,36 @@ def test_reconciled_objects_flow_through_the_batcher(intake_settings, store, cli
     assert [len(b["objects"]) for _, b in sent_tasks(client, queue)] == [4, 1]
     assert reconcile_once(settings).skipped_recent == 5  # queued a moment ago: not again
     assert reconcile_once(settings, force=True).queued == 5
+
+
+def test_staged_runs_queue_encodes_for_their_version_beside_the_active_runs(intake_settings, store, client, keys,
+                                                                           sender, queue):
+    settings = intake_settings.model_copy(update={"model_version": "v1"})
+    bucket = settings.images_bucket
+    for i in range(3):
+        store.put(bucket, f"img{i}.jpg", b"x%d" % i)
+    write_codes_shard(store, settings, "v2", [store.stat(bucket, "img0.jpg")])  # already encoded under v2
+    with open_reconciler(settings) as reconciler:
+        active, staged = reconciler.run_once(), reconciler.run_once(version="v2")
+    assert (active.model_version, active.indexed, active.queued) == ("v1", 0, 3)
+    assert (staged.model_version, staged.indexed, staged.queued) == ("v2", 1, 2)
+    batcher = Batcher(client, keys, sender, batch_size=10, window_ms=50)
+    while len(sent_tasks(client, queue)) < 2:
+        batcher.step()
+    sent = {b["model_version"]: sorted(o["key"] for o in b["objects"]) for _, b in sent_tasks(client, queue)}
+    assert sent == {None: ["img0.jpg", "img1.jpg", "img2.jpg"], "v2": ["img1.jpg", "img2.jpg"]}
+    # Each kind of run remembers what it queued: neither forgets the other's and queues it again.
+    with open_reconciler(settings) as reconciler:
+        assert reconciler.run_once(version="v2").skipped_recent == 2
+        assert reconciler.run_once().skipped_recent == 3
+
+
+def test_a_pending_entry_naming_a_version_must_be_an_encode():
+    ref = ObjectRef("images", "a.jpg", "e1")
+    assert decode_entry(encode_entry(ObjectEvent("encode", ref, "v2"), "reconciler")) == (
+        ObjectEvent("encode", ref, "v2"), "reconciler")
+    with pytest.raises(MalformedEvent, match="model_version 'v2' on a 'delete' entry"):
+        decode_entry(encode_entry(ObjectEvent("delete", ref, "v2"), "reconciler"))
 
 
 def test_redis_consumer_backs_off_while_redis_is_down_and_resumes(intake_settings, tmp_path):

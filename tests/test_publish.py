@@ -97,3 +97,16 @@ def test_cli_names_the_bad_file_and_fails(settings, store, tmp_path):
     assert result.exit_code == 1
     assert "notes.pt" in result.output and "cannot be read" in result.output
     assert Catalog(store, settings).versions() == []
+
+
+def test_promote_refuses_an_unknown_version_and_waits_for_no_intake(settings, store, cifar_jpegs):
+    active = init_model(settings, "lsh_effnetlite0_64", img_size=32, store=store)
+    staged = init_model(settings, "lsh_effnetlite0_64", img_size=48, activate=False, store=store)
+    store.put(settings.images_bucket, "a.jpg", cifar_jpegs[0][2])
+    unknown = CliRunner().invoke(app, ["model", "promote", "no-such-version"], env=cli_env(settings))
+    assert unknown.exit_code == 1 and "'no-such-version' not found" in unknown.output
+    # No intake runs for this test's Redis namespace: the re-encode could never happen, so it says so
+    # at once instead of waiting out the timeout, and the pointer stays where it was.
+    alone = CliRunner().invoke(app, ["model", "promote", staged.version, "--poll", "0.1"], env=cli_env(settings))
+    assert alone.exit_code == 1 and "no intake is running" in " ".join(alone.output.split())  # unwrapped
+    assert Catalog(store, settings).active() == active.version

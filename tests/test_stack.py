@@ -149,3 +149,35 @@ def test_delete_event_hides_the_key(running, store):
     store.delete(settings.images_bucket, image.name)
     assert post_webhook(settings, [minio_record("s3:ObjectRemoved:Delete", settings.images_bucket, image.name)]) == 200
     assert wait_for(con, lambda c: not indexed(c, [image.name]), "the key to disappear")
+
+
+def test_promote_reencodes_under_the_new_version_while_the_old_one_serves(running, store):
+    """Last in the module: it changes the active version."""
+    from hashlake.catalog import Catalog
+    from hashlake.models import init_model
+    from scheduler.promote import promote
+    from workers.intake import reconcile_once
+
+    _, settings = running
+    etags = upload_all(store, settings.images_bucket, IMAGES[46:52])
+    reconcile_once(settings)
+    con = connect(settings)
+    wait_for(con, lambda c: indexed(c, etags) == etags, "the images under the first version")
+    catalog = Catalog(store, settings)
+    first = catalog.active()
+    serving = dict(con.execute("SELECT key, etag FROM codes").fetchall())
+    second = init_model(settings, "lsh_effnetlite0_64", img_size=64, activate=False)
+
+    seen_while_encoding = []
+
+    def progress(summary) -> None:  # what a user's query saw at each staged run
+        probe = connect(settings)
+        seen_while_encoding.append(dict(probe.execute("SELECT key, etag FROM codes").fetchall()))
+        probe.close()
+
+    result = promote(settings, second.version, timeout_s=INDEX_TIMEOUT_S, poll_s=0.5, progress=progress)
+    assert (result.previous, catalog.active()) == (first, second.version)
+    assert result.runs >= 2 and all(seen == serving for seen in seen_while_encoding)  # never emptied
+    after = connect(settings)
+    assert dict(after.execute("SELECT key, etag FROM codes").fetchall()) == serving
+    assert after.execute("SELECT DISTINCT model FROM codes").fetchall() == [(second.version,)]

@@ -32,6 +32,9 @@ class Batch:
     # Worker-process deaths these objects already went through in the larger batches this one was split
     # from (see workers.deliveries); 0 for a batch from the intake. Not part of the batch's identity.
     crashes: int = 0
+    # Encode under this model version (a staged re-encode before a promotion: ``hashlake model
+    # promote``); None: the version the worker follows (pinned, else active) when it runs the batch.
+    model_version: str | None = None
 
     @property
     def batch_id(self) -> str:
@@ -44,7 +47,8 @@ class Batch:
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "batch_id": self.batch_id, "enqueued_at": self.enqueued_at,
-                "crashes": self.crashes, "objects": [asdict(o) for o in self.objects]}
+                "crashes": self.crashes, "model_version": self.model_version,
+                "objects": [asdict(o) for o in self.objects]}
 
     @classmethod
     def from_json(cls, data: dict) -> "Batch":
@@ -52,9 +56,12 @@ class Batch:
             kind = data["kind"]
             objects = tuple(ObjectRef(**o) for o in data["objects"])
             crashes = int(data.get("crashes", 0))
+            model_version = data.get("model_version")
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed batch message ({exc}): {str(data)[:200]}") from None
         if kind not in ("encode", "delete"):
             raise ValueError(f"malformed batch message: unknown kind {kind!r}")
+        if model_version is not None and (not isinstance(model_version, str) or not model_version):
+            raise ValueError(f"malformed batch message: model_version {model_version!r} is not a version id")
         return cls(kind=kind, objects=objects, enqueued_at=float(data.get("enqueued_at", time.time())),
-                   crashes=crashes)
+                   crashes=crashes, model_version=model_version)

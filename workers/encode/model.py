@@ -81,27 +81,43 @@ class ModelHandle:
         self.check_interval_s = check_interval_s
         self.device = resolve_device(settings.device)
         self._loaded: LoadedModel | None = None
+        self._staged: LoadedModel | None = None  # the last version a batch named that is not the followed one
         self._checked_at = float("-inf")  # time.monotonic() of the last pointer read
         self._lock = threading.Lock()
 
-    def current(self) -> LoadedModel:
-        """The model of the wanted version, loading it if the pointer moved.
+    def current(self, version: str | None = None) -> LoadedModel:
+        """The model of the wanted version: ``version`` when a batch names one (a staged re-encode),
+        else the pinned or active one, loaded again when the pointer moved.
 
-        Raises ``hashlake.catalog.ModelNotFound`` when no version is active (or the pinned one is
-        missing): the caller retries later rather than dropping the batch.
+        A named version is kept beside the followed one (one of each per process: a promotion's
+        re-encode runs while live uploads still use the active version). Raises
+        ``hashlake.catalog.ModelNotFound`` when no version is active, or the named or pinned one is
+        missing: the caller retries later rather than dropping the batch.
         """
         with self._lock:
+            if version is not None:  # named: the active pointer does not matter (there may be none yet)
+                for loaded in (self._loaded, self._staged):
+                    if loaded is not None and loaded.version == version:
+                        return loaded
+                self._staged = self._load(version)
+                return self._staged
             now = time.monotonic()
             if self._loaded is None or now - self._checked_at >= self.check_interval_s:
                 wanted = self.settings.model_version or self.catalog.active()
                 if self._loaded is None or self._loaded.version != wanted:
-                    started = time.perf_counter()
-                    self._loaded = load_model(self.catalog, wanted, self.device)
-                    log.info("loaded model version %s (%s, %d bits, %d px) on %s in %.1f s", wanted,
-                             self._loaded.card.arch, self._loaded.card.bits, self._loaded.card.input_size,
-                             self.device, time.perf_counter() - started)
+                    if self._staged is not None and self._staged.version == wanted:
+                        self._loaded, self._staged = self._staged, None  # promoted: already in memory
+                    else:
+                        self._loaded = self._load(wanted)
                 self._checked_at = now
             return self._loaded
+
+    def _load(self, version: str) -> LoadedModel:
+        started = time.perf_counter()
+        loaded = load_model(self.catalog, version, self.device)
+        log.info("loaded model version %s (%s, %d bits, %d px) on %s in %.1f s", version, loaded.card.arch,
+                 loaded.card.bits, loaded.card.input_size, self.device, time.perf_counter() - started)
+        return loaded
 
 
 def prepare(loaded: LoadedModel, images: list["Image.Image"]) -> "torch.Tensor":

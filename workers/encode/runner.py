@@ -97,7 +97,8 @@ def load_one(store: ObjectStore, settings: Settings, loaded: LoadedModel, ref: O
 def encode_batch(batch: Batch, settings: Settings, model_handle: ModelHandle, *,
                  store: ObjectStore | None = None) -> EncodeResult:
     """Encode every object of ``batch`` into codes/<model>/<batch_id>.parquet; refused objects go to
-    failures/<model>/<batch_id>.parquet, which is removed when this run refuses none.
+    failures/<model>/<batch_id>.parquet, which is removed when this run refuses none. <model> is the
+    batch's ``model_version`` when it names one (a staged re-encode), else the one the handle follows.
 
     Raises ``ModelNotFound`` (no active model) before reading anything, and ``StoreUnavailable``
     when the store does not answer: both mean "retry the whole batch later"; nothing half-done is
@@ -106,7 +107,7 @@ def encode_batch(batch: Batch, settings: Settings, model_handle: ModelHandle, *,
     if batch.kind != "encode":
         raise ValueError(f"encode_batch got a {batch.kind!r} batch {batch.batch_id}; deletes go to tombstone_batch")
     store = store or model_handle.catalog.store
-    loaded = model_handle.current()
+    loaded = model_handle.current(batch.model_version)
     batch_id = batch.batch_id
 
     # 1+2) read ▶ decode ▶ prepare on the I/O threads, the forward overlapping them
@@ -189,8 +190,8 @@ def split_batch(batch: Batch, deaths: int) -> tuple[Batch, Batch]:
         raise ValueError(f"batch {batch.batch_id} holds one object; record it with record_crashed instead")
     middle = len(refs) // 2
     crashes = batch.crashes + deaths
-    return (Batch("encode", tuple(refs[:middle]), batch.enqueued_at, crashes),
-            Batch("encode", tuple(refs[middle:]), batch.enqueued_at, crashes))
+    return (Batch("encode", tuple(refs[:middle]), batch.enqueued_at, crashes, batch.model_version),
+            Batch("encode", tuple(refs[middle:]), batch.enqueued_at, crashes, batch.model_version))
 
 
 def record_crashed(batch: Batch, history: History, settings: Settings, model_handle: ModelHandle, *,
@@ -205,7 +206,7 @@ def record_crashed(batch: Batch, history: History, settings: Settings, model_han
     of the object ever finished.
     """
     store = store or model_handle.catalog.store
-    loaded = model_handle.current()
+    loaded = model_handle.current(batch.model_version)
     _check_this_process_encodes(loaded, settings)
     started = time.perf_counter()
     deaths = history.unfinished

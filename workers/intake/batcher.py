@@ -1,6 +1,7 @@
 """The batcher: drains the pending list into batches of at most N objects or T ms, and sends each as a task.
 
-One open batch per kind (``encode``, ``delete``). A batch is sent when it holds ``batch_size`` distinct
+One open batch per kind (``encode``, ``delete``) and model version (None: the one the workers follow; a
+version id: a staged re-encode, ``hashlake model promote``). A batch is sent when it holds ``batch_size`` distinct
 objects, or ``batch_window_ms`` after its first entry was claimed. Entries are claimed with an atomic
 move from ``pending`` to ``pending:processing`` and removed from there only after the Celery publish
 returned; see the package docstring for why this loses nothing.
@@ -40,6 +41,7 @@ IDLE_WAIT_S = 1.0  # blocking-pop timeout with no open batch: how often the loop
 @dataclass
 class OpenBatch:
     kind: str
+    model_version: str | None
     started: float  # time.monotonic() when its first entry was claimed
     refs: dict[tuple[str, str, str], ObjectRef] = field(default_factory=dict)  # (bucket, key, etag) → ref
     claimed: list[bytes] = field(default_factory=list)  # every entry it took, duplicates too: acked on send
@@ -53,7 +55,7 @@ class Batcher:
         self.sender = sender
         self.batch_size = batch_size
         self.window_s = window_ms / 1000
-        self.open: dict[str, OpenBatch] = {}
+        self.open: dict[tuple[str, str | None], OpenBatch] = {}  # (kind, model_version) → batch
         self._sent_unacked: list[bytes] = []  # entries of published batches not yet removed from processing
         self._recovered = False
         self._heartbeat_at = 0.0
@@ -84,12 +86,12 @@ class Batcher:
     def flush(self) -> None:
         """Send every open batch now (at shutdown). What cannot be sent stays claimed and is given back
         to the pending list when the next batcher starts."""
-        for kind in list(self.open):
+        for slot in list(self.open):
             try:
-                self._send(kind)
+                self._send(slot)
             except (redis.RedisError, OperationalError) as exc:
                 log.warning("batcher: could not send the open %s batch at shutdown (%s); it is re-sent at the "
-                            "next start", kind, exc)
+                            "next start", slot[0], exc)
 
     # -- helpers --------------------------------------------------------------------------------
     def _drain(self) -> None:
@@ -116,9 +118,10 @@ class Batcher:
             pipe.lrem(self.keys.pending_processing, 1, raw)
             pipe.execute()
             return
-        batch = self.open.get(event.kind)
+        slot = (event.kind, event.model_version)
+        batch = self.open.get(slot)
         if batch is None:
-            batch = self.open[event.kind] = OpenBatch(event.kind, time.monotonic())
+            batch = self.open[slot] = OpenBatch(event.kind, event.model_version, time.monotonic())
         ref = event.ref
         identity = (ref.bucket, ref.key, ref.etag)
         previous = batch.refs.get(identity)
@@ -141,15 +144,17 @@ class Batcher:
         return max(0.0, min(IDLE_WAIT_S, deadline - time.monotonic()))
 
     def _send_due(self) -> None:
-        for kind in [k for k, b in self.open.items() if self._due(b)]:
-            self._send(kind)
+        for slot in [k for k, b in self.open.items() if self._due(b)]:
+            self._send(slot)
 
-    def _send(self, kind: str) -> None:
-        batch = self.open[kind]
-        self.sender.send(Batch(kind=kind, objects=tuple(batch.refs.values())))  # raises if not queued
+    def _send(self, slot: tuple[str, str | None]) -> None:
+        batch = self.open[slot]
+        kind = batch.kind
+        self.sender.send(Batch(kind=kind, objects=tuple(batch.refs.values()),  # raises if not queued
+                               model_version=batch.model_version))
         # Published: now (and only now) its claimed entries may go. A crash before they are removed
         # re-sends this batch at the next start: same objects, same batch id, harmless.
-        del self.open[kind]
+        del self.open[slot]
         self._sent_unacked += batch.claimed
         metrics.BATCHES_SENT.labels(kind).inc()
         metrics.OBJECTS_SENT.labels(kind).inc(len(batch.refs))

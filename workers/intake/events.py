@@ -31,6 +31,7 @@ class MalformedEvent(ValueError):
 class ObjectEvent:
     kind: str  # "encode" (object created) | "delete" (object removed): the Batch.kind it feeds
     ref: ObjectRef
+    model_version: str | None = None  # encodes only: a staged re-encode's version (Batch.model_version)
 
 
 @dataclass

@@ -10,6 +10,7 @@ All lists live in the broker's Redis (``Settings.redis_url``) and are named afte
     <events_key>:dead                 malformed elements/entries with the reason (JSON), for a person to read
     <events_key>:batcher              heartbeat of the running batcher (expires after HEARTBEAT_TTL_S)
     <events_key>:reconciled           hash "bucket\\0key\\0etag" → epoch s the reconciler last queued it
+    <events_key>:reconciled:<version> the same, for the staged runs of a version being promoted
 """
 from __future__ import annotations
 
@@ -86,7 +87,10 @@ def intake_redis(settings: Settings) -> redis.Redis:
 
 # -- pending entries --------------------------------------------------------------------------------
 def encode_entry(event: ObjectEvent, source: str) -> str:
-    return json.dumps({"kind": event.kind, "source": source, "ref": asdict(event.ref)}, separators=(",", ":"))
+    entry = {"kind": event.kind, "source": source, "ref": asdict(event.ref)}
+    if event.model_version is not None:
+        entry["model_version"] = event.model_version
+    return json.dumps(entry, separators=(",", ":"))
 
 
 def decode_entry(raw: bytes | str) -> tuple[ObjectEvent, str]:
@@ -94,12 +98,15 @@ def decode_entry(raw: bytes | str) -> tuple[ObjectEvent, str]:
     try:
         data = json.loads(raw)
         kind, source, ref = data["kind"], data["source"], ObjectRef(**data["ref"])
-    except (ValueError, KeyError, TypeError) as exc:
+        model_version = data.get("model_version")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise MalformedEvent(f"pending entry is not a hashlake intake entry "
                              f"({exc.__class__.__name__}: {exc})") from None
     if kind not in ("encode", "delete") or not isinstance(ref.bucket, str) or not isinstance(ref.key, str):
         raise MalformedEvent(f"pending entry has kind {kind!r} or a non-string bucket/key")
-    return ObjectEvent(kind, ref), source
+    if model_version is not None and (kind != "encode" or not isinstance(model_version, str) or not model_version):
+        raise MalformedEvent(f"pending entry has model_version {model_version!r} on a {kind!r} entry")
+    return ObjectEvent(kind, ref, model_version), source
 
 
 def push_pending(client: redis.Redis, keys: IntakeKeys, events: list[ObjectEvent], source: str) -> int:

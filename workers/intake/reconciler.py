@@ -10,8 +10,12 @@
 ``deleted_at >= last_modified``. Shards are read column-wise (bucket, key, etag, times) and cached by
 object name and etag, so a periodic run reads only the shards that are new since the last one.
 
+Staged runs (``version=``): the bucket is compared with a named version's index instead, and the
+encodes are queued for that version (``Batch.model_version``): the re-encode before a promotion
+(``scheduler.promote``), while the active version keeps serving and the live events keep using it.
+
 Re-queueing: what the reconciler queued is remembered in a Redis hash (shared by the periodic and the
-on-demand runs). An object still missing is queued again only when the broker has had time to
+on-demand runs; a staged version has a hash of its own, so neither kind of run forgets the other's). An object still missing is queued again only when the broker has had time to
 redeliver a lost task (``broker_visibility_timeout_s``) and the queues are empty (all earlier work was
 taken), so a long backlog is not queued twice over.
 """
@@ -20,6 +24,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -117,11 +123,13 @@ class Reconciler:
         """The pinned version, else the active one (``ModelNotFound`` says how to create one)."""
         return self.settings.model_version or Catalog(self.store, self.settings).active()
 
-    def run_once(self, *, force: bool = False) -> ReconcileSummary:
-        """List, compare, queue. ``force`` queues every missing object even if queued recently."""
+    def run_once(self, *, force: bool = False, version: str | None = None) -> ReconcileSummary:
+        """List, compare, queue. ``force`` queues every missing object even if queued recently.
+        ``version``: compare with that version's index and queue its encodes for it (a staged run)."""
         started = time.monotonic()
         read0, hits0 = self.cache.read, self.cache.hits
-        version = self.model_version()
+        staged = version
+        version = staged or self.model_version()
         bucket = self.settings.images_bucket
         listing_started = datetime.now(timezone.utc)
         objects = {o.key: o for o in self.store.list(bucket)}  # listed before the index is read, see deletes
@@ -143,9 +151,10 @@ class Reconciler:
                 # a row newer than the listing's start belongs to an object uploaded behind the listing
                 if key not in objects and all(lm is None or lm <= cutoff_us for lm in rows.values())]
 
-        events = [ObjectEvent("encode", r) for r in missing] + [ObjectEvent("delete", r) for r in gone]
-        to_queue, skipped = self._select_unqueued(events, force)
-        self._queue(to_queue)
+        events = [ObjectEvent("encode", r, staged) for r in missing] + [ObjectEvent("delete", r) for r in gone]
+        queued_hash = staged_queued_hash(self.keys, staged) if staged else self.keys.reconciled
+        to_queue, skipped = self._select_unqueued(events, force, queued_hash)
+        self._queue(to_queue, queued_hash)
         queued = sum(e.kind == "encode" for e in to_queue)
         deleted = len(to_queue) - queued
         metrics.RECONCILE_MISSING.inc(queued)
@@ -188,13 +197,14 @@ class Reconciler:
         return failed
 
     # -- queueing ---------------------------------------------------------------------------------
-    def _select_unqueued(self, events: list[ObjectEvent], force: bool) -> tuple[list[ObjectEvent], int]:
+    def _select_unqueued(self, events: list[ObjectEvent], force: bool,
+                         queued_hash: str) -> tuple[list[ObjectEvent], int]:
         """Drop events this reconciler queued recently (see the module docstring); forget the rest."""
-        queued_at = {k.decode(): float(v) for k, v in self.client.hgetall(self.keys.reconciled).items()}
+        queued_at = {k.decode(): float(v) for k, v in self.client.hgetall(queued_hash).items()}
         current = {_identity(e): e for e in events}
         stale = [k for k in queued_at if k not in current]  # indexed, failed or gone since: forget
         for i in range(0, len(stale), PUSH_CHUNK):
-            self.client.hdel(self.keys.reconciled, *stale[i:i + PUSH_CHUNK])
+            self.client.hdel(queued_hash, *stale[i:i + PUSH_CHUNK])
         if force:
             return events, 0
         now = time.time()
@@ -209,26 +219,38 @@ class Reconciler:
             pipe.llen(name)
         return sum(pipe.execute()) == 0
 
-    def _queue(self, events: list[ObjectEvent]) -> None:
+    def _queue(self, events: list[ObjectEvent], queued_hash: str) -> None:
         now = time.time()
         for i in range(0, len(events), PUSH_CHUNK):
             chunk = events[i:i + PUSH_CHUNK]
             pipe = self.client.pipeline(transaction=True)
             pipe.rpush(self.keys.pending, *(encode_entry(e, SOURCE) for e in chunk))
-            pipe.hset(self.keys.reconciled, mapping={_identity(e): now for e in chunk})
+            pipe.hset(queued_hash, mapping={_identity(e): now for e in chunk})
             pipe.execute()
+
+
+@contextmanager
+def open_reconciler(settings: Settings) -> Iterator[Reconciler]:
+    """A reconciler with its own Redis client, for runs outside the intake process. Keep it across
+    runs: its shard cache is what makes a repeated run cheap."""
+    client = intake_redis(settings)
+    try:
+        yield Reconciler(settings, ObjectStore(settings), client, IntakeKeys.for_settings(settings),
+                         task_queue_names(settings))
+    finally:
+        client.close()
 
 
 def reconcile_once(settings: Settings, *, force: bool = False) -> ReconcileSummary:
     """One reconciliation now (``hashlake reconcile``). Raises ``ModelNotFound`` when no model version is
     active (or pinned): there is nothing to compare the bucket with yet."""
-    client = intake_redis(settings)
-    try:
-        reconciler = Reconciler(settings, ObjectStore(settings), client, IntakeKeys.for_settings(settings),
-                                task_queue_names(settings))
+    with open_reconciler(settings) as reconciler:
         return reconciler.run_once(force=force)
-    finally:
-        client.close()
+
+
+def staged_queued_hash(keys: IntakeKeys, version: str) -> str:
+    """The Redis hash of what staged runs for ``version`` queued (removed once it is promoted)."""
+    return f"{keys.reconciled}:{version}"
 
 
 def run_periodic(reconciler: Reconciler, interval_s: float, stop: threading.Event) -> None:
