@@ -73,3 +73,20 @@ def _publish(settings: Settings, card: ModelCard, state_dict: dict, activate: bo
     if activate:
         catalog.activate(card.version)
     return card
+
+
+def build_model(catalog: Catalog, version: str):
+    """The version's model, built from its card and loaded with its weights, in eval mode on the CPU:
+    what workers encode with and ``hash_image`` queries with, so both give an image the same code."""
+    from hashing_models import create_model
+    from hashing_models.backbones.weights import load_into
+
+    card = catalog.card(version)
+    # a trained card records the class count its classifier-aided head was built for (GreedyHash, DPN…)
+    options = {"num_classes": card.training["num_classes"]} if "num_classes" in card.training else {}
+    model = create_model(card.arch, pretrained=False, img_size=card.input_size, **options)
+    load_into(model, catalog.weights(version), f"model version {version!r}")  # strict; names bad keys
+    if model.bits != card.bits:
+        raise ValueError(f"model version {version!r}: card says {card.bits} bits, "
+                         f"architecture {card.arch!r} gives {model.bits}")
+    return model.eval()

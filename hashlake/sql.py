@@ -67,6 +67,7 @@ class _ConnectionState:
     settings: Settings
     snapshot: Snapshot
     hasher: "_ImageHasher"
+    follows_active: bool  # opened on the active version (none given or pinned): refresh follows the pointer
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -99,8 +100,9 @@ def connect(settings: Settings | None = None, *, local_dir: Path | None = None,
     con = native.connect({"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     if isinstance(source, StoreSource):
         _configure_httpfs(con, settings)
+    follows_active = isinstance(source, StoreSource) and not (model_version or settings.model_version)
     state = _ConnectionState(index=index, source=source, settings=settings, snapshot=snapshot,
-                             hasher=_ImageHasher(settings, version))
+                             hasher=_ImageHasher(settings, version), follows_active=follows_active)
     _STATES[con] = state
     _register_functions(con, state)
     _pin(con, state, snapshot)
@@ -109,8 +111,20 @@ def connect(settings: Settings | None = None, *, local_dir: Path | None = None,
 
 def refresh(con: duckdb.DuckDBPyConnection) -> Snapshot:
     """Load shards that arrived since this connection's snapshot and move the connection (its views
-    and its search functions) to the new snapshot. Other connections move when they refresh."""
+    and its search functions) to the new snapshot. Other connections move when they refresh.
+
+    A connection opened on the active version follows the active pointer: after a promotion
+    (``hashlake model promote``) its refresh moves it to the new version's index, and ``hash_image``
+    to the new version's model."""
     state = _state(con)
+    if state.follows_active:
+        from hashlake.catalog import Catalog
+
+        active = Catalog(state.source.store, state.settings).active()
+        if active != state.index.model_version:
+            with state.lock:
+                state.index = shared_index(state.source, active)
+                state.hasher = _ImageHasher(state.settings, active)
     snapshot = state.index.refresh()
     _pin(con, state, snapshot)
     return snapshot
@@ -278,14 +292,10 @@ class _ImageHasher:
     def _load(self):
         with self._lock:
             if self._model is None:
-                from hashing_models.registry import create_model
                 from hashlake.catalog import Catalog
+                from hashlake.models import build_model
 
-                catalog = Catalog(ObjectStore(self.settings), self.settings)
-                card = catalog.card(self.model_version)
-                model = create_model(card.arch, pretrained=False, img_size=card.input_size)
-                model.load_state_dict(catalog.weights(self.model_version))
-                self._model = model.eval()
+                self._model = build_model(Catalog(ObjectStore(self.settings), self.settings), self.model_version)
             return self._model
 
 

@@ -11,7 +11,7 @@ that has encoded nothing yet would empty them until the bucket is re-encoded. ``
    Runs repeat every ``poll_s`` until one finds nothing missing (a lost task is queued again by the
    reconciler's own re-queue rule).
 2. The active pointer moves to the version (one PUT). Workers follow within their pointer check
-   interval; SQL connections see the new version at their next ``connect()``.
+   interval; SQL connections see the new version at their next ``connect()`` or ``refresh()``.
 3. One ordinary reconciler run right after queues what was uploaded between the last staged run and
    the switch (those images were encoded under the previous version only).
 """

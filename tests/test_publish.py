@@ -21,6 +21,7 @@ from hashlake import shards
 from hashlake.catalog import Catalog
 from hashlake.cli import app
 from hashlake.models import init_model, publish_checkpoint
+from hashlake.sql import connect
 from workers.encode.model import ModelHandle
 from workers.encode.runner import encode_batch
 from workers.messages import Batch, ObjectRef
@@ -74,6 +75,10 @@ def test_a_published_checkpoint_is_what_workers_encode_with(settings, store, tra
     model = trained.model
     images = [Image.open(io.BytesIO(body)).convert("RGB") for _, _, body in items]
     np.testing.assert_array_equal(got, model.encode(prepare_images(images, model.input_config)))
+    # A query image gets the same code in SQL: hash_image builds the card's model as the workers do.
+    con = connect(settings)
+    queried = [con.execute("SELECT hash_image(?::BLOB)", [body]).fetchone()[0] for _, _, body in items]
+    np.testing.assert_array_equal(np.stack([np.frombuffer(q, np.uint8) for q in queried]), got)
 
 
 def test_a_bad_checkpoint_or_a_taken_version_publishes_nothing(settings, store, checkpoint, tmp_path):

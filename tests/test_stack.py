@@ -181,3 +181,11 @@ def test_promote_reencodes_under_the_new_version_while_the_old_one_serves(runnin
     after = connect(settings)
     assert dict(after.execute("SELECT key, etag FROM codes").fetchall()) == serving
     assert after.execute("SELECT DISTINCT model FROM codes").fetchall() == [(second.version,)]
+    # A connection opened before the promotion moves to the new version at its next refresh, and its
+    # hash_image to the new model: a stored image's own code is its nearest neighbour again.
+    refresh(con)
+    assert con.execute("SELECT DISTINCT model FROM codes").fetchall() == [(second.version,)]
+    image = IMAGES[46]
+    (key, distance), *_ = con.execute("SELECT key, distance FROM search(hash_image(?::BLOB), 1)",
+                                      [image.body]).fetchall()
+    assert (key, distance) == (image.name, 0)

@@ -18,6 +18,7 @@ import numpy as np
 from hashing_models.codes import pack_signs
 from hashlake.catalog import Catalog, ModelCard
 from hashlake.config import Settings
+from hashlake.models import build_model
 from hashlake.store import ObjectStore
 
 if TYPE_CHECKING:
@@ -55,20 +56,8 @@ def resolve_device(setting: str) -> "torch.device":
 
 
 def load_model(catalog: Catalog, version: str, device: "torch.device") -> LoadedModel:
-    """Build the card's architecture without pretrained weights and load the version's weights into it."""
-    from hashing_models.backbones.weights import load_into
-    from hashing_models import create_model
-
-    card = catalog.card(version)
-    # a trained card records the class count its classifier-aided head was built for (GreedyHash, DPN…)
-    options = {"num_classes": card.training["num_classes"]} if "num_classes" in card.training else {}
-    model = create_model(card.arch, pretrained=False, img_size=card.input_size, **options)
-    load_into(model, catalog.weights(version), f"model version {version!r}")  # strict; names bad keys
-    if model.bits != card.bits:
-        raise ValueError(f"model version {version!r}: card says {card.bits} bits, "
-                         f"architecture {card.arch!r} gives {model.bits}")
-    model.eval().to(device)
-    return LoadedModel(card, model, device)
+    """The version's model (``hashlake.models.build_model``) on ``device``, with its card."""
+    return LoadedModel(catalog.card(version), build_model(catalog, version).to(device), device)
 
 
 class ModelHandle:
