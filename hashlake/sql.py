@@ -170,18 +170,11 @@ def _register_functions(con: duckdb.DuckDBPyConnection, state: _ConnectionState)
     # answer a query per row, for batches:  SELECT q.id, unnest(search_list(q.code, 10), recursive := true) …
     con.execute("CREATE MACRO search_list(query, k) AS hashlake_search_list(hashlake_code(query), k)")
     con.execute("CREATE MACRO within_list(query, radius) AS hashlake_within_list(hashlake_code(query), radius)")
-    # search_rows / within_rows: every column of codes for the hits, plus distance. The same answer as
-    # `search(q, k) JOIN codes USING (bucket, key)`, but the one-row-per-key rule runs on the hits' keys
-    # only: the join against the whole view applies it to every row first (benchmarks/hamming.py, 1M
-    # codes: 0.5-0.66 s against 0.11-0.16 s; the shards' key column is still read once).
-    hits_rows = visible_rows_sql("(SELECT * FROM _hashlake_code_rows WHERE key IN (SELECT key FROM hits))",
-                                 "tombstones")
-    for name, table_function in (("search_rows", "search(query, n)"), ("within_rows", "within(query, n)")):
-        con.execute(f"""
-            CREATE MACRO {name}(query, n) AS TABLE
-            WITH hits AS (SELECT * FROM {table_function})
-            SELECT c.*, hits.distance FROM hits JOIN ({hits_rows}) AS c USING (bucket, key)
-            ORDER BY hits.distance, c.bucket, c.key""")
+    # search_rows / within_rows: the hits' rows of codes with their distance, answered by the extension
+    # from the index's own copy of the columns (no shard is read): the rows of
+    # `search(q, k) JOIN codes USING (bucket, key)`, in the tie-rule order.
+    for name, native_function in (("search_rows", "hashlake_search_rows"), ("within_rows", "hashlake_within_rows")):
+        con.execute(f"CREATE MACRO {name}(query, n) AS TABLE SELECT * FROM {native_function}(query, n)")
 
 
 def _hash_image_udf(state: _ConnectionState):

@@ -35,7 +35,7 @@ def segment(codes: np.ndarray, keys: list[str], tables: int | None) -> Segment:
         return seg
     _, key_bits = plan(codes.shape[1] * 8, max(codes.shape[0], 2))
     key_bits = max(1, min(key_bits, codes.shape[1] * 8 // tables))
-    return Segment(seg.codes, seg.identity, MultiIndexHash(seg.codes, tables, key_bits), radius_profile(seg.codes))
+    return Segment(seg.codes, seg.columns, MultiIndexHash(seg.codes, tables, key_bits), radius_profile(seg.codes))
 
 
 @st.composite
@@ -66,7 +66,7 @@ def brute_force(snapshot: Snapshot, query: np.ndarray) -> list[tuple[int, str, s
     for seg, hid in zip(snapshot.segments, snapshot.hidden):
         d = hamming_reference(query[None], seg.codes)[0]
         visible = np.setdiff1d(np.arange(seg.rows), hid)
-        buckets, keys = seg.identity.column("bucket").to_pylist(), seg.identity.column("key").to_pylist()
+        buckets, keys = seg.columns.column("bucket").to_pylist(), seg.columns.column("key").to_pylist()
         rows += [(int(d[i]), buckets[i], keys[i]) for i in visible]
     return sorted(rows)
 

@@ -93,7 +93,7 @@ def test_split_scans_are_exact_with_ties_and_hidden_rows(method, nbytes):
     codes = pool[rng.integers(0, len(pool), n)]
     hidden = np.flatnonzero(rng.random(n) < 0.1).astype(np.int64)
     snap = snapshot_of(codes, hidden)
-    ident = snap.segments[0].identity
+    ident = snap.segments[0].columns
     queries = np.stack([pool[3], rng.integers(0, 256, nbytes, dtype=np.uint8)])
     dist = hamming_reference(queries, codes)
     visible = np.setdiff1d(np.arange(n), hidden)

@@ -100,6 +100,26 @@ def test_rows_forms_equal_the_join_to_codes(settings, loaded):
         con.execute("SELECT * FROM search_rows(?, 3)", [b"\x00" * 16]).fetchall()
 
 
+def test_rows_forms_return_every_value_as_the_view_does(tmp_path):
+    """Sizes, times (one unknown), and labels that are missing, empty or several, as the join reads them."""
+    codes = random_codes(40, 64, seed=3)
+    rows = [dict(key=f"r{i:02d}", bucket="images", etag=f"e{i}", size=100 + i,
+                 last_modified=T0 + timedelta(minutes=i) if i % 5 else None, encoded_at=T0 + timedelta(hours=i),
+                 labels=[None, [], ["cat", "small"], ["dog"]][i % 4]) for i in range(40)]
+    path = tmp_path / codes_path("v9", "a")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(to_parquet_bytes(build_codes_table(rows, codes, ShardMeta("v9", 64, "test"))))
+    con = sql.connect(local_dir=tmp_path)
+    for q in codes[:4]:
+        for rows_form, plain in (("search_rows(?, 40)", "search(?, 40)"), ("within_rows(?, 64)", "within(?, 64)")):
+            expected = con.execute(f"SELECT c.*, s.distance FROM {plain} s JOIN codes c USING (bucket, key) "
+                                   "ORDER BY s.distance, s.bucket, s.key", [q.tobytes()]).fetchall()
+            assert con.execute(f"SELECT * FROM {rows_form}", [q.tobytes()]).fetchall() == expected
+            assert len(expected) == 40
+    labels = dict(con.execute("SELECT key, labels FROM within_rows(?, 64)", [codes[0].tobytes()]).fetchall())
+    assert (labels["r00"], labels["r01"], labels["r02"], labels["r03"]) == (None, [], ["cat", "small"], ["dog"])
+
+
 def test_batch_across_vectors_equals_single_queries(settings, loaded):
     con = sql.connect(settings, model_version=VERSION)
     queries = random_codes(3000, 64, seed=1)

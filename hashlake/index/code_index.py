@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hashlake.index.snapshot import TOMBSTONE_COLUMNS, Segment, Snapshot, empty_hidden
+from hashlake.index.snapshot import DETAIL_COLUMNS, TOMBSTONE_COLUMNS, Segment, Snapshot, empty_hidden
 from hashlake.index.source import ShardFile, ShardSource
 from hashlake.index.visibility import IDENTITY_COLUMNS, visible_rows_sql
 from hashlake.shards import CODES_PREFIX, TOMBSTONES_PREFIX, ShardMeta
@@ -72,15 +72,15 @@ class CodeIndex:
                                  f"{bits}-bit codes (from {code_files[0].name})")
         tombstones = pa.concat_tables([old.tombstones, *[t.cast(old.tombstones.schema) for t in tomb_tables]])
         if code_tables:
-            identity = pa.concat_tables([t for t, _, _ in code_tables]).combine_chunks()
+            columns = pa.concat_tables([t for t, _, _ in code_tables]).combine_chunks()
             codes = np.concatenate([c for _, _, c in code_tables]) if len(code_tables) > 1 else code_tables[0][2]
         else:
-            identity, codes = None, np.zeros((0, (bits or 8) // 8), np.uint8)
-        segments, hidden, keep_new = _apply_visibility(old, identity, tomb_tables, tombstones)
-        if identity is not None and keep_new.size:
-            if keep_new.size < identity.num_rows:  # else keep every row, without a copy
-                codes, identity = codes[keep_new], identity.take(pa.array(keep_new))
-            segments.append(Segment.build(codes, identity))
+            columns, codes = None, np.zeros((0, (bits or 8) // 8), np.uint8)
+        segments, hidden, keep_new = _apply_visibility(old, columns, tomb_tables, tombstones)
+        if columns is not None and keep_new.size:
+            if keep_new.size < columns.num_rows:  # else keep every row, without a copy
+                codes, columns = codes[keep_new], columns.take(pa.array(keep_new))
+            segments.append(Segment.build(codes, columns))
             hidden.append(empty_hidden())
         return Snapshot(model_version=self.model_version, bits=bits, segments=tuple(segments),
                         hidden=tuple(hidden), code_files=tuple(sorted({*old.code_files, *code_files}, key=_name)),
@@ -88,8 +88,8 @@ class CodeIndex:
                         tombstones=tombstones)
 
     def _read_codes(self, file: ShardFile, bits: int | None) -> tuple[pa.Table, int, np.ndarray]:
-        """One codes shard → (identity columns, bits, codes (n, bits/8) uint8)."""
-        table = self.source.read(file.name, [*IDENTITY_COLUMNS, "code"])
+        """One codes shard → (its other columns, bits, codes (n, bits/8) uint8)."""
+        table = self.source.read(file.name, [*IDENTITY_COLUMNS, *DETAIL_COLUMNS, "code"])
         meta = ShardMeta.from_kv(table.schema.metadata)
         if meta.model_version != self.model_version:
             raise ValueError(f"shard {file.name} holds model version {meta.model_version!r}, "
@@ -126,11 +126,11 @@ def _apply_visibility(old: Snapshot, identity: pa.Table | None, new_tombs: list[
     keys = pc.unique(pa.chunked_array(touched, pa.string()).combine_chunks()) if segments else None
     parts = []
     for s, (segment, seg_hidden) in enumerate(zip(segments, hidden)):
-        mask = pc.is_in(segment.identity.column("key"), value_set=keys).to_numpy(zero_copy_only=False)
+        mask = pc.is_in(segment.columns.column("key"), value_set=keys).to_numpy(zero_copy_only=False)
         mask[seg_hidden] = False
         rows = np.flatnonzero(mask)
         if rows.size:
-            parts.append(_tagged(segment.identity.take(pa.array(rows)), s, rows))
+            parts.append(_tagged(segment.columns.take(pa.array(rows)), s, rows))
     new_seg = len(segments)
     if identity is not None:
         parts.append(_tagged(identity, new_seg, np.arange(identity.num_rows)))
@@ -176,7 +176,7 @@ def _compact(snapshot: Snapshot) -> Snapshot:
         small = [p for i, p in enumerate(pairs) if i != largest]
         keeps = [np.setdiff1d(np.arange(s.rows), h) for s, h in small]
         merged = Segment.build(np.concatenate([s.codes[k] for (s, _), k in zip(small, keeps)]),
-                               pa.concat_tables([s.identity.take(pa.array(k)) for (s, _), k in zip(small, keeps)]))
+                               pa.concat_tables([s.columns.take(pa.array(k)) for (s, _), k in zip(small, keeps)]))
         pairs = [pairs[largest], (merged, empty_hidden())]
     return Snapshot(model_version=snapshot.model_version, bits=snapshot.bits,
                     segments=tuple(s for s, _ in pairs), hidden=tuple(h for _, h in pairs),

@@ -1,9 +1,9 @@
 """The in-memory form of one model version's codes: immutable segments and the snapshot that lists them.
 
 A segment holds the rows of the shards loaded in one refresh: their codes as one C-contiguous
-(n, bits/8) uint8 matrix (the only in-memory copy of those codes: 1.0× their packed size), their
-identity (bucket, key, etag, last_modified, encoded_at) as Arrow columns, and, when large enough,
-its multi-index hash tables. Rows hidden later (a newer version of the key arrived, or a tombstone)
+(n, bits/8) uint8 matrix (the only in-memory copy of those codes: 1.0× their packed size), their other
+columns as Arrow columns (the identity: bucket, key, etag, last_modified, encoded_at; and size and
+labels, which ``search_rows`` returns), and, when large enough, its multi-index hash tables. Rows hidden later (a newer version of the key arrived, or a tombstone)
 are listed per segment in the snapshot instead of being cut out, so segments never change; a
 refresh builds a new snapshot and swaps it in one assignment, and queries running on the old one
 finish undisturbed.
@@ -19,6 +19,10 @@ from hashlake.index.mih import MultiIndexHash, plan
 from hashlake.index.source import ShardFile
 from hashlake.index.visibility import IDENTITY_COLUMNS
 
+# Columns of codes the index holds besides the identity and the code, so that search_rows answers from
+# memory. A segment built without them (tests' synthetic rows) answers NULL for them.
+DETAIL_COLUMNS = ("size", "labels")
+
 # Below this many rows a flat scan costs < 0.2 ms, less than probing tables would.
 MIH_MIN_ROWS = 100_000
 # The radius profile compares this many sample codes with this many others: 16M pairs resolve
@@ -32,22 +36,23 @@ TOMBSTONE_COLUMNS = ("bucket", "key", "deleted_at")
 @dataclass(frozen=True, eq=False)
 class Segment:
     codes: np.ndarray  # (n, bits/8) uint8, C-contiguous
-    identity: pa.Table  # n rows of IDENTITY_COLUMNS, one chunk per column
+    columns: pa.Table  # n rows of IDENTITY_COLUMNS, then those of DETAIL_COLUMNS given; one chunk per column
     mih: MultiIndexHash | None  # None below MIH_MIN_ROWS
     # (bits + 1,) float64: fraction of pairs of codes within each radius, estimated from a sample;
     # how search guesses the k-NN radius before probing. None without tables.
     radius_profile: np.ndarray | None = None
 
     @classmethod
-    def build(cls, codes: np.ndarray, identity: pa.Table) -> "Segment":
-        if codes.shape[0] != identity.num_rows:
-            raise ValueError(f"segment has {codes.shape[0]} codes but {identity.num_rows} identity rows")
+    def build(cls, codes: np.ndarray, columns: pa.Table) -> "Segment":
+        if codes.shape[0] != columns.num_rows:
+            raise ValueError(f"segment has {codes.shape[0]} codes but {columns.num_rows} rows of columns")
         codes = np.ascontiguousarray(codes, dtype=np.uint8)
         mih = profile = None
         if codes.shape[0] >= MIH_MIN_ROWS:
             mih = MultiIndexHash(codes, *plan(codes.shape[1] * 8, codes.shape[0]))
             profile = radius_profile(codes)
-        return cls(codes, identity.select(list(IDENTITY_COLUMNS)).combine_chunks(), mih, profile)
+        names = [*IDENTITY_COLUMNS, *(c for c in DETAIL_COLUMNS if c in columns.column_names)]
+        return cls(codes, columns.select(names).combine_chunks(), mih, profile)
 
     @property
     def rows(self) -> int:
@@ -57,7 +62,7 @@ class Segment:
         """A new segment without the rows at ``hidden`` (compaction)."""
         keep = np.ones(self.rows, bool)
         keep[hidden] = False
-        return Segment.build(self.codes[keep], self.identity.filter(pa.array(keep)))
+        return Segment.build(self.codes[keep], self.columns.filter(pa.array(keep)))
 
 
 def radius_profile(codes: np.ndarray) -> np.ndarray:
@@ -120,10 +125,10 @@ class Snapshot:
         return None if self.bits is None else self.bits // 8
 
     def memory(self) -> dict[str, int]:
-        """Bytes held, by part: packed codes, hash tables, identity columns, hidden-row lists."""
+        """Bytes held, by part: packed codes, hash tables, the other columns, hidden-row lists."""
         return {
             "codes": sum(s.codes.nbytes for s in self.segments),
             "mih": sum(s.mih.nbytes for s in self.segments if s.mih is not None),
-            "identity": sum(s.identity.nbytes for s in self.segments),
+            "columns": sum(s.columns.nbytes for s in self.segments),
             "hidden": sum(h.nbytes for h in self.hidden),
         }

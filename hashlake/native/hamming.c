@@ -7,7 +7,7 @@
  * Data: Python publishes a snapshot (hashlake/native/loader.py) by handing this library, through
  * ctypes on the same loaded file, an array of segment descriptors that point into its own numpy and
  * Arrow buffers: codes (rows, code_bytes) uint8, the sorted hidden rows, the bucket/key/etag string
- * columns, and the multi-index hash tables (hashlake/index/mih.py's CSR layout). Nothing is copied;
+ * columns, the size/time/labels columns, and the multi-index hash tables (hashlake/index/mih.py's CSR layout). Nothing is copied;
  * Python keeps the buffers alive until hashlake_forget() says no call is using the snapshot. Each
  * database that loads the extension gets a slot (hashlake_slot()); hashlake_pin() points the slot
  * at the snapshot that database searches.
@@ -15,6 +15,10 @@
  * SQL (registered on LOAD):
  *   search(query BLOB|hex VARCHAR, k INTEGER)       table: bucket, key, etag, distance (one constant query)
  *   within(query BLOB|hex VARCHAR, radius INTEGER)  same
+ *   hashlake_search_rows(query, k), hashlake_within_rows(query, radius)
+ *                                                   table: the hits' rows in the columns of the codes view
+ *                                                   (key, bucket, etag, size, last_modified, code, model,
+ *                                                   encoded_at, labels), then distance
  *   hashlake_search_list(query BLOB, k INTEGER)     LIST(STRUCT(bucket, key, etag, distance)), a query per row
  *   hashlake_within_list(query BLOB, radius INTEGER) same
  * Rows and lists come ordered by (distance, bucket, key): the stated tie rule. search returns exactly
@@ -53,6 +57,22 @@ typedef struct {
 } hl_strings;
 
 typedef struct {
+	const uint8_t *bits; /* Arrow validity bitmap (bit i of byte i/8, LSB first); NULL: no nulls */
+	int64_t offset;      /* the array's offset into it */
+} hl_validity;
+
+typedef struct {
+	const int64_t *values; /* already advanced by the array's offset; NULL: the segment lacks the column */
+	hl_validity valid;
+} hl_int64s;
+
+typedef struct {
+	const int32_t *offsets; /* (rows + 1,) into items, advanced by the array's offset; NULL: no such column */
+	hl_validity valid;
+	hl_strings items; /* the list items: never null */
+} hl_string_lists;
+
+typedef struct {
 	int64_t rows;
 	const uint8_t *codes; /* rows * code_bytes */
 	const int64_t *hidden; /* sorted row positions no longer visible */
@@ -64,6 +84,8 @@ typedef struct {
 	const int32_t *table_offsets[HL_MAX_TABLES]; /* (2**key_bits + 1,) */
 	const uint32_t *table_rows[HL_MAX_TABLES]; /* (rows,) sorted by key */
 	const double *radius_profile; /* (bits + 1,) cumulative fraction of pairs within each radius, or NULL */
+	hl_int64s size, last_modified, encoded_at; /* times: µs since the epoch, UTC */
+	hl_string_lists labels;
 } hl_segment;
 
 typedef struct hl_snapshot {
@@ -1402,16 +1424,44 @@ static int query_argument(duckdb_value value, uint8_t *code, int64_t *len, char 
 	return -1;
 }
 
-static void table_bind(duckdb_bind_info info, int is_knn) {
-	duckdb_value query = duckdb_bind_get_parameter(info, 0);
-	duckdb_value param = duckdb_bind_get_parameter(info, 1);
-	const char *names[4] = {"bucket", "key", "etag", "distance"};
-	duckdb_type types[4] = {DUCKDB_TYPE_VARCHAR, DUCKDB_TYPE_VARCHAR, DUCKDB_TYPE_VARCHAR, DUCKDB_TYPE_INTEGER};
-	for (int c = 0; c < 4; c++) {
-		duckdb_logical_type t = duckdb_create_logical_type(types[c]);
-		duckdb_bind_add_result_column(info, names[c], t);
+/* the columns of hashlake_*_rows: the codes view's, in its order, then distance */
+#define HL_ROW_COLUMNS 10
+static const char *const row_names[HL_ROW_COLUMNS] = {"key",   "bucket",     "etag",   "size",     "last_modified",
+                                                 "code",  "model",      "encoded_at", "labels", "distance"};
+
+static void add_result_columns(duckdb_bind_info info, int rows) {
+	if (!rows) {
+		const char *names[4] = {"bucket", "key", "etag", "distance"};
+		duckdb_type types[4] = {DUCKDB_TYPE_VARCHAR, DUCKDB_TYPE_VARCHAR, DUCKDB_TYPE_VARCHAR, DUCKDB_TYPE_INTEGER};
+		for (int c = 0; c < 4; c++) {
+			duckdb_logical_type t = duckdb_create_logical_type(types[c]);
+			duckdb_bind_add_result_column(info, names[c], t);
+			duckdb_destroy_logical_type(&t);
+		}
+		return;
+	}
+	duckdb_type types[HL_ROW_COLUMNS] = {DUCKDB_TYPE_VARCHAR,      DUCKDB_TYPE_VARCHAR, DUCKDB_TYPE_VARCHAR,
+	                                     DUCKDB_TYPE_BIGINT,       DUCKDB_TYPE_TIMESTAMP_TZ, DUCKDB_TYPE_BLOB,
+	                                     DUCKDB_TYPE_VARCHAR,      DUCKDB_TYPE_TIMESTAMP_TZ, DUCKDB_TYPE_LIST,
+	                                     DUCKDB_TYPE_INTEGER};
+	for (int c = 0; c < HL_ROW_COLUMNS; c++) {
+		duckdb_logical_type t;
+		if (types[c] == DUCKDB_TYPE_LIST) {
+			duckdb_logical_type item = duckdb_create_logical_type(DUCKDB_TYPE_VARCHAR);
+			t = duckdb_create_list_type(item);
+			duckdb_destroy_logical_type(&item);
+		} else {
+			t = duckdb_create_logical_type(types[c]);
+		}
+		duckdb_bind_add_result_column(info, row_names[c], t);
 		duckdb_destroy_logical_type(&t);
 	}
+}
+
+static void table_bind(duckdb_bind_info info, int is_knn, int rows) {
+	duckdb_value query = duckdb_bind_get_parameter(info, 0);
+	duckdb_value param = duckdb_bind_get_parameter(info, 1);
+	add_result_columns(info, rows);
 	char error[512] = "";
 	uint8_t code[HL_MAX_BYTES + 1];
 	int64_t len = 0;
@@ -1448,11 +1498,19 @@ static void table_bind(duckdb_bind_info info, int is_knn) {
 }
 
 static void knn_table_bind(duckdb_bind_info info) {
-	table_bind(info, 1);
+	table_bind(info, 1, 0);
 }
 
 static void within_table_bind(duckdb_bind_info info) {
-	table_bind(info, 0);
+	table_bind(info, 0, 0);
+}
+
+static void knn_rows_bind(duckdb_bind_info info) {
+	table_bind(info, 1, 1);
+}
+
+static void within_rows_bind(duckdb_bind_info info) {
+	table_bind(info, 0, 1);
 }
 
 static void table_init(duckdb_init_info info) {
@@ -1485,6 +1543,82 @@ static void table_function(duckdb_function_info info, duckdb_data_chunk output) 
 	duckdb_data_chunk_set_size(output, n);
 }
 
+static int is_valid(const hl_validity *v, int64_t row) {
+	if (!v->bits) {
+		return 1;
+	}
+	int64_t i = v->offset + row;
+	return (v->bits[i >> 3] >> (i & 7)) & 1;
+}
+
+static void set_null(duckdb_vector vec, idx_t at) {
+	duckdb_vector_ensure_validity_writable(vec);
+	duckdb_validity_set_row_invalid(duckdb_vector_get_validity(vec), at);
+}
+
+static void write_int64(duckdb_vector vec, idx_t at, const hl_int64s *col, int64_t row) {
+	if (!col->values || !is_valid(&col->valid, row)) {
+		set_null(vec, at);
+		return;
+	}
+	((int64_t *)duckdb_vector_get_data(vec))[at] = col->values[row];
+}
+
+/* One LIST(VARCHAR) value: its items go at the end of the list vector's child. -1: out of memory. */
+static int write_labels(duckdb_vector vec, idx_t at, const hl_string_lists *col, int64_t row) {
+	if (!col->offsets || !is_valid(&col->valid, row)) {
+		set_null(vec, at);
+		return 0;
+	}
+	int32_t begin = col->offsets[row], end = col->offsets[row + 1];
+	idx_t base = duckdb_list_vector_get_size(vec);
+	if (duckdb_list_vector_reserve(vec, base + (idx_t)(end - begin)) != DuckDBSuccess) {
+		return -1;
+	}
+	duckdb_vector items = duckdb_list_vector_get_child(vec);
+	for (int32_t j = begin; j < end; j++) {
+		write_strings(items, base + (idx_t)(j - begin), &col->items, j);
+	}
+	duckdb_list_vector_set_size(vec, base + (idx_t)(end - begin));
+	duckdb_list_entry *entries = duckdb_vector_get_data(vec);
+	entries[at].offset = base;
+	entries[at].length = (idx_t)(end - begin);
+	return 0;
+}
+
+static void rows_table_function(duckdb_function_info info, duckdb_data_chunk output) {
+	hl_table_bind *bind = duckdb_function_get_bind_data(info);
+	hl_table_state *state = duckdb_function_get_init_data(info);
+	idx_t capacity = duckdb_vector_size();
+	idx_t n = 0;
+	duckdb_vector out[HL_ROW_COLUMNS];
+	for (int c = 0; c < HL_ROW_COLUMNS; c++) {
+		out[c] = duckdb_data_chunk_get_vector(output, c);
+	}
+	int32_t *dist = duckdb_vector_get_data(out[9]);
+	const hl_snapshot *snap = bind->snap;
+	size_t model_len = snap ? strlen(snap->model_version) : 0;
+	for (; n < capacity && state->next < bind->hits.size; n++, state->next++) {
+		const hl_hit *h = &bind->hits.items[state->next];
+		const hl_segment *seg = &snap->segments[h->segment];
+		write_strings(out[0], n, &seg->key, h->row);
+		write_strings(out[1], n, &seg->bucket, h->row);
+		write_strings(out[2], n, &seg->etag, h->row);
+		write_int64(out[3], n, &seg->size, h->row);
+		write_int64(out[4], n, &seg->last_modified, h->row);
+		duckdb_vector_assign_string_element_len(out[5], n, (const char *)seg->codes + h->row * snap->code_bytes,
+		                                        snap->code_bytes);
+		duckdb_vector_assign_string_element_len(out[6], n, snap->model_version, model_len);
+		write_int64(out[7], n, &seg->encoded_at, h->row);
+		if (write_labels(out[8], n, &seg->labels, h->row) < 0) {
+			duckdb_function_set_error(info, "hashlake: out of memory");
+			return;
+		}
+		dist[n] = h->distance;
+	}
+	duckdb_data_chunk_set_size(output, n);
+}
+
 static void slot_function(duckdb_function_info info, duckdb_data_chunk input, duckdb_vector output) {
 	idx_t rows = duckdb_data_chunk_get_size(input);
 	int64_t *out = duckdb_vector_get_data(output);
@@ -1508,7 +1642,7 @@ static int register_slot_function(duckdb_connection connection, int64_t slot) {
 }
 
 static int register_table_function(duckdb_connection connection, const char *name, duckdb_table_function_bind_t bind,
-                                   int64_t slot) {
+                                   duckdb_table_function_t function, int64_t slot) {
 	duckdb_table_function f = duckdb_create_table_function();
 	duckdb_table_function_set_name(f, name);
 	duckdb_table_function_set_extra_info(f, (void *)(intptr_t)slot, NULL);
@@ -1520,7 +1654,7 @@ static int register_table_function(duckdb_connection connection, const char *nam
 	}
 	duckdb_table_function_set_bind(f, bind);
 	duckdb_table_function_set_init(f, table_init);
-	duckdb_table_function_set_function(f, table_function);
+	duckdb_table_function_set_function(f, function);
 	duckdb_state state = duckdb_register_table_function(connection, f);
 	duckdb_destroy_table_function(&f);
 	return state == DuckDBSuccess;
@@ -1539,8 +1673,11 @@ DUCKDB_EXTENSION_ENTRYPOINT(duckdb_connection connection, duckdb_extension_info 
 	}
 	return register_function(connection, "hashlake_search_list", knn_function, slot) &&
 	       register_function(connection, "hashlake_within_list", within_function, slot) &&
-	       register_table_function(connection, "search", knn_table_bind, slot) &&
-	       register_table_function(connection, "within", within_table_bind, slot) && register_slot_function(connection, slot);
+	       register_table_function(connection, "search", knn_table_bind, table_function, slot) &&
+	       register_table_function(connection, "within", within_table_bind, table_function, slot) &&
+	       register_table_function(connection, "hashlake_search_rows", knn_rows_bind, rows_table_function, slot) &&
+	       register_table_function(connection, "hashlake_within_rows", within_rows_bind, rows_table_function, slot) &&
+	       register_slot_function(connection, slot);
 }
 
 /* Python side: whether the flat scan of 64-bit codes runs on AVX-512 VPOPCNTDQ on this CPU. */

@@ -31,6 +31,18 @@ class _Strings(ctypes.Structure):
     _fields_ = [("offsets", ctypes.c_void_p), ("data", ctypes.c_void_p)]
 
 
+class _Validity(ctypes.Structure):
+    _fields_ = [("bits", ctypes.c_void_p), ("offset", ctypes.c_int64)]
+
+
+class _Int64s(ctypes.Structure):
+    _fields_ = [("values", ctypes.c_void_p), ("valid", _Validity)]
+
+
+class _StringLists(ctypes.Structure):
+    _fields_ = [("offsets", ctypes.c_void_p), ("valid", _Validity), ("items", _Strings)]
+
+
 class _Segment(ctypes.Structure):
     """hl_segment in hamming.c: keep the two in step."""
 
@@ -48,6 +60,10 @@ class _Segment(ctypes.Structure):
         ("table_offsets", ctypes.c_void_p * MAX_TABLES),
         ("table_rows", ctypes.c_void_p * MAX_TABLES),
         ("radius_profile", ctypes.c_void_p),
+        ("size", _Int64s),
+        ("last_modified", _Int64s),
+        ("encoded_at", _Int64s),
+        ("labels", _StringLists),
     ]
 
 
@@ -162,8 +178,14 @@ def _describe(segment: Segment, hidden: np.ndarray, keep: list) -> _Segment:
     desc.codes = codes.ctypes.data
     desc.hidden = hidden.ctypes.data
     desc.n_hidden = hidden.size
+    columns = segment.columns
     for name in ("bucket", "key", "etag"):
-        setattr(desc, name, _strings(segment.identity.column(name), keep))
+        setattr(desc, name, _strings(columns.column(name), keep))
+    for name in ("size", "last_modified", "encoded_at"):
+        if name in columns.column_names:  # absent: search_rows answers NULL
+            setattr(desc, name, _int64s(columns.column(name), keep))
+    if "labels" in columns.column_names:
+        desc.labels = _string_lists(columns.column("labels"), keep)
     mih = segment.mih
     if mih is not None:
         if mih.tables > MAX_TABLES:
@@ -191,7 +213,33 @@ def _strings(column: pa.ChunkedArray, keep: list) -> _Strings:
     if array.type != pa.string():
         array = array.cast(pa.string())
     if array.null_count:
-        raise ValueError("identity columns never hold nulls")
+        raise ValueError("bucket, key, etag and label items never hold nulls")
     keep.append(array)
     _, offsets, data = array.buffers()
     return _Strings(offsets.address + 4 * array.offset, data.address if data is not None and data.size else _EMPTY.ctypes.data)
+
+
+def _validity(array: pa.Array) -> _Validity:
+    bitmap = array.buffers()[0]
+    return _Validity(bitmap.address if array.null_count and bitmap is not None else None, array.offset)
+
+
+def _int64s(column: pa.ChunkedArray, keep: list) -> _Int64s:
+    """An int64 or timestamp(us) column → a pointer to its values (at the array's offset) and its nulls."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_timestamp(array.type) and array.type.unit != "us":
+        array = array.cast(pa.timestamp("us", tz=array.type.tz))
+    elif not (pa.types.is_timestamp(array.type) or array.type == pa.int64()):
+        array = array.cast(pa.int64())
+    keep.append(array)
+    return _Int64s(array.buffers()[1].address + 8 * array.offset, _validity(array))
+
+
+def _string_lists(column: pa.ChunkedArray, keep: list) -> _StringLists:
+    """A list<string> column → pointers to its int32 list offsets (at the array's offset), its nulls,
+    and its items (which never hold nulls)."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if not (pa.types.is_list(array.type) and array.type.value_type == pa.string()):
+        array = array.cast(pa.list_(pa.string()))
+    keep.append(array)
+    return _StringLists(array.buffers()[1].address + 4 * array.offset, _validity(array), _strings(array.values, keep))

@@ -22,7 +22,8 @@ the next durable place has confirmed it, and every "remove" comes strictly after
    element in ``:processing``; the next consumer moves it back to the list's head before it starts.
 3. Reconciler → pending list: it only appends; anything it failed to append is still missing at the
    next run and found again (it is the safety net, and needs none itself).
-4. Pending list → Celery queue: the batcher claims entries with LMOVE into ``pending:processing`` and
+4. Pending list → Celery queue: the batcher claims entries with LMOVE into ``pending:processing`` (a
+   backlog in chunks, by a Lua script that Redis runs atomically: the same move, many at once) and
    removes them (LREM) only after ``send_task`` returned, i.e. after the broker confirmed the LPUSH
    of the task message. A broker error raises and the entries stay claimed (the batch is retried in
    this run with backoff, or given back to pending by the next run's start-up).
