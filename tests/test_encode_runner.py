@@ -149,6 +149,7 @@ def test_batch_messages_carry_their_model_version():
     halves = split_batch(staged, deaths=2)
     assert [h.model_version for h in halves] == ["v2", "v2"]
     assert Batch.from_json(Batch("encode", refs).to_json()).model_version is None
+    assert staged.delivery_key == f"v2/{staged.batch_id}" and Batch("encode", refs).delivery_key == staged.batch_id
     with pytest.raises(ValueError, match="model_version 7 is not a version id"):
         Batch.from_json({**staged.to_json(), "model_version": 7})
 

@@ -3,9 +3,10 @@
 With acks_late + reject_on_worker_lost, a batch whose pool child dies with it in hand (a segfault in a
 decoder, the OOM killer, a memory rlimit, ``os._exit``, SIGKILL) is requeued at once, and delivered
 again forever if the same image kills every child. The ledger is what tells that poison batch from an
-unlucky one. One hash per batch id, shared by every worker node, surviving the dead child:
+unlucky one. One hash per batch (its ``Batch.delivery_key``), shared by every worker node, surviving the dead
+child:
 
-    hashlake:deliveries:<batch_id>   unfinished  int  starts of the task body minus its clean ends
+    hashlake:deliveries:<key>        unfinished  int  starts of the task body minus its clean ends
                                      exit        str  how the last child died, as its node saw it
                                                       ("Worker exited prematurely: signal 9 (SIGKILL) ...")
                                      cause       str  what the child knew before it died ("MemoryError ...")

@@ -45,6 +45,12 @@ class Batch:
             return batch_id_for((o.bucket, o.key, o.event_time or "") for o in self.objects)
         return batch_id_for((o.bucket, o.key, o.etag) for o in self.objects)
 
+    @property
+    def delivery_key(self) -> str:
+        """The batch's name in the delivery ledger (workers.deliveries): its id, and for a staged batch
+        its version too, so that the same objects queued for two versions are counted apart."""
+        return self.batch_id if self.model_version is None else f"{self.model_version}/{self.batch_id}"
+
     def to_json(self) -> dict:
         return {"kind": self.kind, "batch_id": self.batch_id, "enqueued_at": self.enqueued_at,
                 "crashes": self.crashes, "model_version": self.model_version,

@@ -101,12 +101,12 @@ class BatchRequest(Request):
         if self.task_name != ENCODE_TASK:
             return
         try:
-            batch_id = Batch.from_json(self.args[0]).batch_id
+            key = Batch.from_json(self.args[0]).delivery_key
         except (ValueError, IndexError, AttributeError):
             return  # a malformed message: the task itself says so when it runs
         if BatchRequest._ledger is None:
             BatchRequest._ledger = DeliveryLedger.for_settings(get_settings())
-        BatchRequest._ledger.note(batch_id, "exit", text)
+        BatchRequest._ledger.note(key, "exit", text)
 
 
 class BatchTask(Task):
@@ -130,7 +130,7 @@ class BatchTask(Task):
 def encode_batch_task(batch_json: dict) -> dict:
     batch = Batch.from_json(batch_json)
     proc = _Process.get()
-    history = proc.ledger.start(batch.batch_id)
+    history = proc.ledger.start(batch.delivery_key)
     try:
         if history.unfinished >= CRASHES_BEFORE_SPLIT:
             summary = _isolate(batch, history, proc)
@@ -141,11 +141,11 @@ def encode_batch_task(batch_json: dict) -> dict:
     except MemoryError as exc:
         _die_out_of_memory(batch, exc, proc.ledger)  # never returns: the start stays counted, as a death
     except Exception:
-        proc.ledger.finish(batch.batch_id, done=False)  # a retry or a failed task: it comes again, nothing died
+        proc.ledger.finish(batch.delivery_key, done=False)  # a retry or a failed task: it comes again, nothing died
         raise
     # Not reached either when the process is being ended mid-batch (SystemExit at the hard time limit,
     # a cold shutdown): that start stays counted too.
-    proc.ledger.finish(batch.batch_id, done=True)
+    proc.ledger.finish(batch.delivery_key, done=True)
     return summary
 
 
@@ -177,7 +177,7 @@ def _isolate(batch: Batch, history: History, proc: type[_Process]) -> dict:
 
 def _die_out_of_memory(batch: Batch, exc: MemoryError, ledger: DeliveryLedger) -> None:
     cause = f"MemoryError in pool process {os.getpid()}: {exc!r}"
-    ledger.note(batch.batch_id, "cause", cause)
+    ledger.note(batch.delivery_key, "cause", cause)
     log.critical("batch %s (%s): %s; the process exits (status %d) and the batch is delivered again",
                  batch.batch_id, _where(batch), cause, OUT_OF_MEMORY_EXIT)  # handlers flush every record
     os._exit(OUT_OF_MEMORY_EXIT)  # no cleanup, no Python shutdown: as the OOM killer would end it
