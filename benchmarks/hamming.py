@@ -203,8 +203,8 @@ def run_one(bits: int, n: int, repeats: int, batch: int, workdir: Path) -> dict:
     rows_sql = f"SELECT key, distance, labels FROM search_rows('{single[0].hex()}', 10)"
     assert con.execute(join_sql).fetchall() == con.execute(rows_sql).fetchall()
     out.update({f"{name}_ms": ms for name, ms in medians_ms({
-        "search_rows": cycling(
-            lambda i: con.execute(f"SELECT key, distance, labels FROM search_rows('{single[i].hex()}', 10)").fetchall()),
+        "search_rows": cycling(lambda i: con.execute(
+            f"SELECT key, distance, labels FROM search_rows('{single[i].hex()}', 10)").fetchall()),
     }, repeats).items()})
     out.update({f"{name}_ms": ms for name, ms in medians_ms({
         "search_join_codes": lambda: con.execute(join_sql).fetchall(),

@@ -3,10 +3,10 @@
 A segment holds the rows of the shards loaded in one refresh: their codes as one C-contiguous
 (n, bits/8) uint8 matrix (the only in-memory copy of those codes: 1.0× their packed size), their other
 columns as Arrow columns (the identity: bucket, key, etag, last_modified, encoded_at; and size and
-labels, which ``search_rows`` returns), and, when large enough, its multi-index hash tables. Rows hidden later (a newer version of the key arrived, or a tombstone)
-are listed per segment in the snapshot instead of being cut out, so segments never change; a
-refresh builds a new snapshot and swaps it in one assignment, and queries running on the old one
-finish undisturbed.
+labels, which ``search_rows`` returns), and, when large enough, its multi-index hash tables. Rows
+hidden later (a newer version of the key arrived, or a tombstone) are listed per segment in the
+snapshot instead of being cut out, so segments never change; a refresh builds a new snapshot and swaps
+it in one assignment, and queries running on the old one finish undisturbed.
 """
 from __future__ import annotations
 

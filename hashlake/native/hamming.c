@@ -7,8 +7,8 @@
  * Data: Python publishes a snapshot (hashlake/native/loader.py) by handing this library, through
  * ctypes on the same loaded file, an array of segment descriptors that point into its own numpy and
  * Arrow buffers: codes (rows, code_bytes) uint8, the sorted hidden rows, the bucket/key/etag string
- * columns, the size/time/labels columns, and the multi-index hash tables (hashlake/index/mih.py's CSR layout). Nothing is copied;
- * Python keeps the buffers alive until hashlake_forget() says no call is using the snapshot. Each
+ * columns, the size/time/labels columns, and the multi-index hash tables (hashlake/index/mih.py's CSR
+ * layout). Nothing is copied; Python keeps the buffers alive until hashlake_forget() says no call is using the snapshot. Each
  * database that loads the extension gets a slot (hashlake_slot()); hashlake_pin() points the slot
  * at the snapshot that database searches.
  *

@@ -232,7 +232,10 @@ def _int64s(column: pa.ChunkedArray, keep: list) -> _Int64s:
     elif not (pa.types.is_timestamp(array.type) or array.type == pa.int64()):
         array = array.cast(pa.int64())
     keep.append(array)
-    return _Int64s(array.buffers()[1].address + 8 * array.offset, _validity(array))
+    values = array.buffers()[1]
+    if values is None:  # no rows: nothing will be read
+        return _Int64s()
+    return _Int64s(values.address + 8 * array.offset, _validity(array))
 
 
 def _string_lists(column: pa.ChunkedArray, keep: list) -> _StringLists:
@@ -242,4 +245,7 @@ def _string_lists(column: pa.ChunkedArray, keep: list) -> _StringLists:
     if not (pa.types.is_list(array.type) and array.type.value_type == pa.string()):
         array = array.cast(pa.list_(pa.string()))
     keep.append(array)
-    return _StringLists(array.buffers()[1].address + 4 * array.offset, _validity(array), _strings(array.values, keep))
+    offsets = array.buffers()[1]
+    if offsets is None:  # no rows: nothing will be read
+        return _StringLists()
+    return _StringLists(offsets.address + 4 * array.offset, _validity(array), _strings(array.values, keep))

@@ -15,9 +15,10 @@ encodes are queued for that version (``Batch.model_version``): the re-encode bef
 (``scheduler.promote``), while the active version keeps serving and the live events keep using it.
 
 Re-queueing: what the reconciler queued is remembered in a Redis hash (shared by the periodic and the
-on-demand runs; a staged version has a hash of its own, so neither kind of run forgets the other's). An object still missing is queued again only when the broker has had time to
-redeliver a lost task (``broker_visibility_timeout_s``) and the queues are empty (all earlier work was
-taken), so a long backlog is not queued twice over.
+on-demand runs; a staged version has a hash of its own, so neither kind of run forgets the other's).
+An object still missing is queued again only when the broker has had time to redeliver a lost task
+(``broker_visibility_timeout_s``) and the queues are empty (all earlier work was taken), so a long
+backlog is not queued twice over.
 """
 from __future__ import annotations
 
