@@ -159,8 +159,12 @@ def model_list() -> None:
         active = catalog.active()
     except ModelNotFound:
         active = None
-    table = Table("", "version", "arch", "bits", "input px", "description")
-    for version in catalog.versions():
+    versions = catalog.versions()
+    # Version ids whole on one line, whatever the terminal's width (the description wraps instead):
+    # they are what `promote` and `activate` take, so they must copy as they are.
+    table = Table("", Column("version", no_wrap=True, min_width=max(map(len, versions), default=7)), "arch",
+                  "bits", "input px", "description")
+    for version in versions:
         card = catalog.card(version)
         table.add_row("*" if version == active else "", version, card.arch, str(card.bits), str(card.input_size),
                       card.description)

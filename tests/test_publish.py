@@ -108,6 +108,8 @@ def test_promote_refuses_an_unknown_version_and_waits_for_no_intake(settings, st
     active = init_model(settings, "lsh_effnetlite0_64", img_size=32, store=store)
     staged = init_model(settings, "lsh_effnetlite0_64", img_size=48, activate=False, store=store)
     store.put(settings.images_bucket, "a.jpg", cifar_jpegs[0][2])
+    listed = CliRunner().invoke(app, ["model", "list"], env=cli_env(settings))  # 80 columns: no terminal
+    assert listed.exit_code == 0 and active.version in listed.output and staged.version in listed.output
     unknown = CliRunner().invoke(app, ["model", "promote", "no-such-version"], env=cli_env(settings))
     assert unknown.exit_code == 1 and "'no-such-version' not found" in unknown.output
     # No intake runs for this test's Redis namespace: the re-encode could never happen, so it says so
