@@ -22,6 +22,7 @@ from hashlake.catalog import Catalog
 from hashlake.cli import app
 from hashlake.models import init_model, publish_checkpoint
 from hashlake.sql import connect
+from scheduler.promote import PromoteError, promote
 from workers.encode.model import ModelHandle
 from workers.encode.runner import encode_batch
 from workers.messages import Batch, ObjectRef
@@ -116,4 +117,7 @@ def test_promote_refuses_an_unknown_version_and_waits_for_no_intake(settings, st
     # at once instead of waiting out the timeout, and the pointer stays where it was.
     alone = CliRunner().invoke(app, ["model", "promote", staged.version, "--poll", "0.1"], env=cli_env(settings))
     assert alone.exit_code == 1 and "no intake is running" in " ".join(alone.output.split())  # unwrapped
+    # Pinned workers would never follow the pointer: refused before anything is queued.
+    with pytest.raises(PromoteError, match="settings pin model version"):
+        promote(settings.model_copy(update={"model_version": active.version}), staged.version)
     assert Catalog(store, settings).active() == active.version
