@@ -174,14 +174,10 @@ def bare_forward(settings: Settings, version: str, images, batch_size: int, thre
     import torch
     from PIL import Image
 
-    from hashing_models import create_model
     from hashing_models.preprocess import prepare_images
+    from hashlake.models import build_model
 
-    catalog = Catalog(ObjectStore(settings), settings)
-    card = catalog.card(version)
-    model = create_model(card.arch, pretrained=False, img_size=card.input_size)
-    model.load_state_dict(catalog.weights(version))
-    model.eval()
+    model = build_model(Catalog(ObjectStore(settings), settings), version)  # as the workers build it
     torch.set_num_threads(threads)
     pil = [Image.open(io.BytesIO(im.body)).convert("RGB") for im in images]
     batches = [prepare_images(pil[i:i + batch_size], model.input_config) for i in range(0, len(pil), batch_size)]

@@ -4,6 +4,8 @@
 seeded random projection (LSH on deep features), and its card says so. ``publish_checkpoint`` publishes
 a model trained by ``hashing_models`` (a checkpoint file) with the card the trainer wrote; activating it
 makes the workers encode with it and the reconciler re-encode the bucket under the new version.
+``build_model`` turns a version back into its model, the one way workers, ``hash_image`` and the
+ingest benchmark build it.
 """
 from __future__ import annotations
 

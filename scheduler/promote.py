@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from hashlake.catalog import Catalog, ModelNotFound
 from hashlake.config import Settings
 from hashlake.store import ObjectStore
-from workers.intake.reconciler import ReconcileSummary, open_reconciler, staged_queued_hash
+from workers.intake.reconciler import ReconcileSummary, open_reconciler
 
 
 class PromoteError(RuntimeError):
@@ -79,7 +79,7 @@ def promote(settings: Settings, version: str, *, timeout_s: float = 3600.0, poll
                                    f"waiting (the active version is still {previous!r})")
             time.sleep(poll_s)
         catalog.activate(version)
-        reconciler.client.delete(staged_queued_hash(reconciler.keys, version))
+        reconciler.forget_staged(version)
         reconciler.run_once()  # uploads that arrived between the last staged run and the switch
     return PromoteResult(version, previous, summary.listed, summary.indexed, summary.failed, runs,
                          round(time.monotonic() - started, 3))

@@ -153,7 +153,7 @@ class Reconciler:
                 if key not in objects and all(lm is None or lm <= cutoff_us for lm in rows.values())]
 
         events = [ObjectEvent("encode", r, staged) for r in missing] + [ObjectEvent("delete", r) for r in gone]
-        queued_hash = staged_queued_hash(self.keys, staged) if staged else self.keys.reconciled
+        queued_hash = _staged_queued_hash(self.keys, staged) if staged else self.keys.reconciled
         to_queue, skipped = self._select_unqueued(events, force, queued_hash)
         self._queue(to_queue, queued_hash)
         queued = sum(e.kind == "encode" for e in to_queue)
@@ -170,6 +170,10 @@ class Reconciler:
             shards_cached=self.cache.hits - hits0, seconds=round(seconds, 3),
             pending=int(self.client.llen(self.keys.pending)),
             batcher_alive=bool(self.client.exists(self.keys.batcher_heartbeat)))
+
+    def forget_staged(self, version: str) -> None:
+        """Drop what staged runs for ``version`` remembered queueing (once it is the active version)."""
+        self.client.delete(_staged_queued_hash(self.keys, version))
 
     # -- the index --------------------------------------------------------------------------------
     def _visible_rows(self, version: str, bucket: str) -> dict[str, dict[str, int | None]]:
@@ -249,7 +253,7 @@ def reconcile_once(settings: Settings, *, force: bool = False) -> ReconcileSumma
         return reconciler.run_once(force=force)
 
 
-def staged_queued_hash(keys: IntakeKeys, version: str) -> str:
+def _staged_queued_hash(keys: IntakeKeys, version: str) -> str:
     """The Redis hash of what staged runs for ``version`` queued (removed once it is promoted)."""
     return f"{keys.reconciled}:{version}"
 
