@@ -89,7 +89,9 @@ def test_intake_process_survives_sigkill_and_exports_metrics(settings, store, tm
         wait_until(lambda: client.llen(queue) >= 1, 20, "a batch in the Celery queue", second.proc, log)
         ((task, objects),) = sent_keys(client, queue)
         assert task == "hashlake.encode_batch" and objects == ["cats/tabby 01.jpg", "from-listing.jpg"]
-        assert client.llen(keys.pending) == client.llen(keys.pending_processing) == 0
+        # The claimed entries go once the broker confirmed the task: just after it appears in the queue.
+        wait_until(lambda: client.llen(keys.pending) == client.llen(keys.pending_processing) == 0, 10,
+                   "the sent batch's entries removed", second.proc, log)
 
         with urllib.request.urlopen(f"http://127.0.0.1:{base.metrics_port}/metrics", timeout=5) as resp:
             text = resp.read().decode()
