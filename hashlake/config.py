@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 
@@ -26,6 +26,26 @@ class Settings(BaseSettings):
     images_bucket: str = Field("images", description="the bucket users upload to")
     index_bucket: str = Field("hashlake", description="shards, failures, tombstones, models")
 
+    # --- the lake: DuckLake tables, catalog in PostgreSQL, data files in the index bucket ---------
+    pg_host: str = "127.0.0.1"
+    pg_port: int = 5432
+    pg_database: str = Field("hashlake", description="the PostgreSQL database holding the lake's catalog")
+    pg_user: str = Field("hashlake", description="catalog role of the services that write the lake")
+    pg_password: SecretStr = SecretStr("hashlake-local")
+    lake_data_path: str | None = Field(None, description="where the lake's Parquet files go; None: "
+                                                         "s3://<index_bucket>/lake/")
+    lake_inline_rows: int = Field(1000, ge=0, description="commits of at most this many rows stay in the "
+                                                          "catalog (no Parquet file) until compaction flushes them")
+    lake_compact_interval_s: float = Field(600.0, gt=0, description="how often the stack compacts the lake")
+    lake_retention_s: float = Field(86_400.0, ge=0, description="snapshots older than this are expired by "
+                                                                "compaction: time travel reaches this far back")
+
+    # --- query connections (hashlake sql, hashlake.sql.connect): read-only credentials ---------
+    query_pg_user: str = Field("hashlake_query", description="catalog role with SELECT only")
+    query_pg_password: SecretStr = SecretStr("hashlake-query-local")
+    query_s3_access_key: SecretStr | None = Field(None, description="a read-only S3 key; None: the service's")
+    query_s3_secret_key: SecretStr | None = None
+
     # --- broker and events ---------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
     events_key: str = Field("minio-events", description="Redis list a MinIO notify_redis target appends to")
@@ -37,6 +57,9 @@ class Settings(BaseSettings):
     batch_size: int = Field(32, ge=1, le=4096)
     batch_window_ms: int = Field(500, ge=1)
     reconcile_interval_s: float = Field(30.0, gt=0)
+    reconcile_requeue_s: float = Field(120.0, gt=0, description="an object the reconciler queued that is still "
+                                                                "missing this long after is queued again")
+    reconcile_max_per_pass: int = Field(50_000, ge=1, description="objects one reconciler pass queues at most")
     broker_visibility_timeout_s: float = Field(
         900.0, gt=0, description="Redis redelivers a dead worker node's unacked batch after this long; must "
                                  "exceed the longest batch and the longest retry countdown (300 s)")
@@ -60,6 +83,18 @@ class Settings(BaseSettings):
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ValueError(f"s3_endpoint must look like http://host:port, got {value!r}")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _inline_rows_cover_a_batch(self) -> "Settings":
+        if self.lake_inline_rows and self.lake_inline_rows < self.batch_size:
+            raise ValueError(f"lake_inline_rows ({self.lake_inline_rows}) must be 0 or at least batch_size "
+                             f"({self.batch_size}): a batch is inlined in the catalog whole, or written as a file")
+        return self
+
+    @property
+    def lake_path(self) -> str:
+        """The lake's data folder (always ending in '/')."""
+        return (self.lake_data_path or f"s3://{self.index_bucket}/lake/").rstrip("/") + "/"
 
     @property
     def s3_secure(self) -> bool:

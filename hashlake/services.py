@@ -1,4 +1,4 @@
-"""Start and stop the local back-end processes (redis-server, moto_server) on free ports.
+"""Start and stop the local back-end processes (redis-server, moto_server, PostgreSQL) on free ports.
 
 Used by ``hashlake stack`` and by the tests alike, so both exercise the same start-up code.
 Each service is a child process with its log in a file; ``stop()`` terminates it (SIGTERM, then
@@ -144,3 +144,83 @@ def _http_ok(url: str) -> bool:
 
     with urllib.request.urlopen(url, timeout=0.5) as resp:
         return resp.status < 500
+
+
+def postgres_bin(name: str) -> str:
+    """A PostgreSQL server program (``postgres``, ``initdb``): Debian keeps them under
+    /usr/lib/postgresql/<major>/bin, off PATH; the newest major installed wins."""
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: int(p.parts[-3]))
+    if found:
+        return str(found[-1])
+    exe = shutil.which(name)
+    if not exe:
+        raise ServiceError(f"PostgreSQL's {name} not found; install it with `make setup` (apt-get install postgresql)")
+    return exe
+
+
+# The system user that owns a cluster started by root: PostgreSQL refuses to run as root, and
+# Debian's postgresql package creates this user.
+POSTGRES_OS_USER = "postgres"
+
+
+def start_postgres(port: int, data_dir: Path, *, superuser: str, password: str, log: Path | None = None,
+                   durable: bool = True) -> Service:
+    """A PostgreSQL server on 127.0.0.1:``port`` with its cluster in ``data_dir`` (``initdb`` on first
+    start), TCP only, password (SCRAM) authentication for ``superuser``.
+
+    Run as root, the cluster belongs to the ``postgres`` system user, so ``data_dir``'s parents must be
+    traversable by it. ``durable=False`` turns fsync off: for tests, whose data is thrown away."""
+    user = POSTGRES_OS_USER if os.geteuid() == 0 else None
+    data_dir = Path(data_dir).resolve()
+    log = log or data_dir.parent / "postgres.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    if not (data_dir / "PG_VERSION").exists():
+        _initdb(data_dir, superuser, password, user)
+    options = ["-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=", "-c", "max_connections=200"]
+    if not durable:
+        options += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([postgres_bin("postgres"), "-D", str(data_dir), "-p", str(port), *options],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, user=user)
+    svc = Service("postgres", proc, port, log)
+    return wait_ready(svc, lambda: _postgres_ready(port, superuser, password), 30, f"PostgreSQL on port {port}")
+
+
+def _initdb(data_dir: Path, superuser: str, password: str, user: str | None) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    pwfile = data_dir.parent / f".{data_dir.name}.pw"
+    pwfile.write_text(password + "\n")
+    pwfile.chmod(0o600)
+    try:
+        if user is not None:
+            shutil.chown(data_dir, user)
+            shutil.chown(pwfile, user)
+            _check_traversable(data_dir, user)
+        result = subprocess.run(
+            [postgres_bin("initdb"), "-D", str(data_dir), "-U", superuser, f"--pwfile={pwfile}",
+             "--auth=scram-sha-256", "-E", "UTF8", "--no-instructions"],
+            capture_output=True, text=True, user=user)
+    finally:
+        pwfile.unlink(missing_ok=True)
+    if result.returncode != 0:
+        raise ServiceError(f"initdb of {data_dir} failed (exit {result.returncode}): {result.stderr.strip()[-2000:]}")
+
+
+def _check_traversable(path: Path, user: str) -> None:
+    import pwd
+
+    uid = pwd.getpwnam(user).pw_uid
+    for parent in path.parents:
+        st = parent.stat()
+        if not (st.st_mode & 0o001 or (st.st_uid == uid and st.st_mode & 0o100)):
+            raise ServiceError(f"PostgreSQL runs as the system user {user!r}, which cannot enter {parent} "
+                               f"(mode {oct(st.st_mode & 0o777)}); put the cluster elsewhere or `chmod o+x {parent}`")
+
+
+def _postgres_ready(port: int, user: str, password: str) -> bool:
+    import psycopg
+
+    with psycopg.connect(host="127.0.0.1", port=port, user=user, password=password, dbname="postgres",
+                         connect_timeout=1):
+        return True

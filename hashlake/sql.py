@@ -1,21 +1,22 @@
-"""DuckDB over the index: views ``codes``, ``failures``, ``tombstones``; functions ``hamming``, ``search``,
-``within``, ``search_rows``, ``within_rows``, ``hash_image``.
+"""DuckDB over the lake: views ``codes``, ``failures``, ``failure_history``, ``deletes``; functions ``hamming``,
+``search``, ``within``, ``search_rows``, ``within_rows``, ``hash_image``; the lake itself attached read-only as
+``lake`` (its tables ``lake.codes``, ``lake.failures``, ``lake.deletes``, with time travel).
 
-    con = connect(settings)                  # or connect(local_dir=Path("dump/"))
-    con.sql("SELECT key, distance FROM search('8f3a…', 10)")
+    con = connect(settings)
     con.sql("SELECT key, distance, labels FROM search_rows(hash_image('cat.jpg'), 10)")  # every codes column
+    con.sql("SELECT key, distance FROM search('8f3a…', 10)")
     con.sql("SELECT * FROM within(hash_image('cat.jpg'), 4)")
     con.sql("SELECT key FROM codes WHERE hamming(code, $q) <= 3")
 
-A connection sees one snapshot of the model version's shards: the ``codes`` view (read straight
-from the Parquet shards, through httpfs or from the folder) and ``search``/``within`` (answered
-from the process's in-memory index, ``hashlake.index``) agree row for row. ``refresh(con)`` loads
-shards that arrived since and moves the connection to the new snapshot.
+A connection sees one lake snapshot of one model version: the ``codes`` view (the current rows, held in
+the process's in-memory index, ``hashlake.index``), ``search``/``within`` (answered from that index) and
+``failures``/``deletes`` (read from the lake at the same snapshot) agree row for row. ``refresh(con)``
+loads what the lake committed since and moves the connection to the new snapshot.
 
 ``search`` and ``within`` return (bucket, key, etag, distance) in the order (distance, bucket,
 key): ties in distance are broken by bucket, then key (after a join, ORDER BY those again).
 ``search_rows`` and ``within_rows`` return the hits' rows of ``codes`` with their distance, in that
-order: what a join to ``codes`` gives, without applying the view's rule to every row first.
+order: what a join to ``codes`` gives, without reading ``codes`` at all.
 ``query`` is hex text, a BLOB, or ``hash_image(...)``: a constant (a table function's arguments are
 evaluated once, before the scan); a code of the wrong length is an error naming both lengths. For a
 query per row (a batch, a code from a subquery) use the list forms, one call per 2,048 rows spread
@@ -23,13 +24,16 @@ over every core:
 
     SELECT q.id, unnest(search_list(q.code, 10), recursive := true) FROM queries q
 
+A query connection cannot write: the lake is attached READ_ONLY with the catalog's SELECT-only role and
+the query S3 key, and the connection is then locked (no other file or bucket, no ATTACH, no LOAD, no
+SET; ``hashlake.lake.connection``).
+
 ``search``, ``within`` and the list forms run in the ``hashlake_hamming`` extension (compiled C,
 ``hashlake/native``), which reads the in-memory index's buffers in place: the connection's snapshot
 is published to it and pinned to the connection's database.
 """
 from __future__ import annotations
 
-import json
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -39,13 +43,15 @@ from typing import NamedTuple
 import duckdb
 import pyarrow as pa
 
+from hashlake.catalog import Catalog
 from hashlake.config import Settings, get_settings
 from hashlake.index.code_index import CodeIndex, shared_index
+from hashlake.index.lake_source import LakeSource
 from hashlake.index.snapshot import Snapshot
-from hashlake.index.source import FolderSource, ShardSource, StoreSource
-from hashlake.index.visibility import visible_rows_sql
+from hashlake.lake.connection import attach_for_queries
+from hashlake.lake.rules import current_failures_sql
+from hashlake.lake.schema import LAKE
 from hashlake.native import loader as native
-from hashlake.shards import CODES_PREFIX, FAILURES_PREFIX, FAILURES_SCHEMA, TOMBSTONES_SCHEMA, codes_schema
 from hashlake.store import ObjectStore
 
 IMAGE_TYPE = "UNION(path VARCHAR, image BLOB)"  # what hash_image accepts: a path (or s3:// URL) or bytes
@@ -63,7 +69,7 @@ class _ConnectionState:
     """What one connection is pinned to; the registered functions read it on every call."""
 
     index: CodeIndex
-    source: ShardSource
+    source: LakeSource
     settings: Settings
     snapshot: Snapshot
     hasher: "_ImageHasher"
@@ -74,43 +80,30 @@ class _ConnectionState:
 _STATES: "weakref.WeakKeyDictionary[duckdb.DuckDBPyConnection, _ConnectionState]" = weakref.WeakKeyDictionary()
 
 
-def connect(settings: Settings | None = None, *, local_dir: Path | None = None,
-            model_version: str | None = None) -> duckdb.DuckDBPyConnection:
-    """A new DuckDB connection over the active (or given) model version's shards.
+def connect(settings: Settings | None = None, *, model_version: str | None = None) -> duckdb.DuckDBPyConnection:
+    """A new DuckDB connection over the lake, on the active (or given) model version.
 
-    Shards come from ``settings.index_bucket`` (httpfs, loaded from the pip package, no download), or
-    from ``local_dir`` laid out like that bucket. The process's in-memory index for that version is
-    created or refreshed first, and the connection is pinned to its current snapshot.
+    The process's in-memory index for that version is created or refreshed first (from the lake's
+    change feed), and the connection is pinned to its current snapshot.
     """
     settings = settings or get_settings()
-    if local_dir is not None:
-        source: ShardSource = FolderSource(Path(local_dir))
-        version = model_version or settings.model_version or _folder_model_version(Path(local_dir))
-    else:
-        store = ObjectStore(settings)
-        source = StoreSource(store, settings)
-        if model_version or settings.model_version:
-            version = model_version or settings.model_version
-        else:
-            from hashlake.catalog import Catalog
-
-            version = Catalog(store, settings).active()
+    pinned = model_version or settings.model_version
+    version = pinned or Catalog(ObjectStore(settings), settings).active()
+    source = shared_source(settings)
     index = shared_index(source, version)
     snapshot = index.refresh()
     con = native.connect({"autoinstall_known_extensions": False, "autoload_known_extensions": False})
-    if isinstance(source, StoreSource):
-        _configure_httpfs(con, settings)
-    follows_active = isinstance(source, StoreSource) and not (model_version or settings.model_version)
     state = _ConnectionState(index=index, source=source, settings=settings, snapshot=snapshot,
-                             hasher=_ImageHasher(settings, version), follows_active=follows_active)
+                             hasher=_ImageHasher(settings, version), follows_active=not pinned)
     _STATES[con] = state
     _register_functions(con, state)
+    attach_for_queries(con, settings)  # last: it locks the connection's configuration
     _pin(con, state, snapshot)
     return con
 
 
 def refresh(con: duckdb.DuckDBPyConnection) -> Snapshot:
-    """Load shards that arrived since this connection's snapshot and move the connection (its views
+    """Load what the lake committed since this connection's snapshot and move the connection (its views
     and its search functions) to the new snapshot. Other connections move when they refresh.
 
     A connection opened on the active version follows the active pointer: after a promotion
@@ -118,9 +111,7 @@ def refresh(con: duckdb.DuckDBPyConnection) -> Snapshot:
     to the new version's model."""
     state = _state(con)
     if state.follows_active:
-        from hashlake.catalog import Catalog
-
-        active = Catalog(state.source.store, state.settings).active()
+        active = Catalog(ObjectStore(state.settings), state.settings).active()
         if active != state.index.model_version:
             with state.lock:
                 state.index = shared_index(state.source, active)
@@ -128,6 +119,17 @@ def refresh(con: duckdb.DuckDBPyConnection) -> Snapshot:
     snapshot = state.index.refresh()
     _pin(con, state, snapshot)
     return snapshot
+
+
+_SOURCES: dict[str, LakeSource] = {}
+_SOURCES_LOCK = threading.Lock()
+
+
+def shared_source(settings: Settings) -> LakeSource:
+    """The process's one reader of the lake ``settings`` names (the indexes' connection)."""
+    source = LakeSource(settings)
+    with _SOURCES_LOCK:
+        return _SOURCES.setdefault(source.describe(), source)
 
 
 def search_codes(con: duckdb.DuckDBPyConnection, query: bytes | str, k: int) -> list[Hit]:
@@ -183,64 +185,30 @@ def _hash_image_udf(state: _ConnectionState):
     return hash_image
 
 
-# -- views --------------------------------------------------------------------------------------
+# -- views ---------------------------------------------------------------------------------------
 def _pin(con: duckdb.DuckDBPyConnection, state: _ConnectionState, snapshot: Snapshot) -> None:
-    """Point the connection's views and functions at ``snapshot``."""
+    """Point the connection's views and functions at ``snapshot``: ``codes`` from the index's memory, the
+    lake's tables at the same lake snapshot."""
     with state.lock:
-        source = state.source
-        con.register("_hashlake_empty_codes", codes_schema(snapshot.bits or 64).empty_table())
-        con.register("_hashlake_empty_failures", FAILURES_SCHEMA.empty_table())
-        con.register("_hashlake_empty_tombstones", TOMBSTONES_SCHEMA.empty_table())
-        code_rows = _parquet_or_empty([source.url(f.name) for f in snapshot.code_files], "_hashlake_empty_codes")
-        tombstones = _parquet_or_empty([source.url(f.name) for f in snapshot.tombstone_files],
-                                       "_hashlake_empty_tombstones")
-        failures = source.list(f"{FAILURES_PREFIX}{snapshot.model_version}/")
-        con.execute(f"CREATE OR REPLACE VIEW tombstones AS {tombstones}")
-        con.execute(f"CREATE OR REPLACE VIEW _hashlake_code_rows AS {code_rows}")
-        con.execute(f"CREATE OR REPLACE VIEW codes AS {visible_rows_sql('_hashlake_code_rows', 'tombstones')}")
-        con.execute("CREATE OR REPLACE VIEW failures AS "
-                    + _parquet_or_empty([source.url(f.name) for f in failures], "_hashlake_empty_failures"))
+        version = snapshot.model_version
+        at = f"AT (VERSION => {int(snapshot.lake_snapshot or 0)})"
+        con.register("_hashlake_codes", snapshot.visible_rows)
+        con.execute(f"""CREATE OR REPLACE TEMP VIEW codes AS
+            SELECT key, bucket, etag, version_id, size, last_modified, code, {_sql_str(version)} AS model,
+                   encoded_at, labels
+            FROM _hashlake_codes""")
+        if snapshot.lake_snapshot is None:  # nothing loaded: an empty lake
+            at = ""
+        con.execute(f"CREATE OR REPLACE TEMP VIEW failure_history AS SELECT * FROM {LAKE}.failures {at}")
+        con.execute(f"CREATE OR REPLACE TEMP VIEW deletes AS SELECT * FROM {LAKE}.deletes {at}")
+        con.execute("CREATE OR REPLACE TEMP VIEW failures AS " + current_failures_sql(
+            *(f"(SELECT * FROM {LAKE}.{table} {at})" for table in ("failures", "codes", "deletes")), version))
         native.pin(con, snapshot)
         state.snapshot = snapshot  # holds the snapshot, so its published buffers, while pinned
 
 
-def _parquet_or_empty(urls: list[str], empty: str) -> str:
-    if not urls:
-        return f"SELECT * FROM {empty}"
-    listed = ", ".join("'" + u.replace("'", "''") + "'" for u in urls)
-    return f"SELECT * FROM read_parquet([{listed}], union_by_name = true)"
-
-
-def _configure_httpfs(con: duckdb.DuckDBPyConnection, settings: Settings) -> None:
-    """Load httpfs from the ``duckdb-extension-httpfs`` wheel (DuckDB cannot download it here) and
-    give it the store's credentials as a temporary (in-memory, never written) secret."""
-    import duckdb_extension_httpfs
-
-    path = Path(duckdb_extension_httpfs.__file__).parent / "extensions" / f"v{duckdb.__version__}" / "httpfs.duckdb_extension"
-    if not path.is_file():
-        raise FileNotFoundError(f"httpfs extension not found at {path}: install duckdb-extension-httpfs=={duckdb.__version__}")
-    con.execute(f"LOAD '{path}'")
-    con.execute(
-        "CREATE OR REPLACE TEMPORARY SECRET hashlake_store (TYPE s3, KEY_ID ?, SECRET ?, REGION ?, ENDPOINT ?, "
-        "URL_STYLE 'path', USE_SSL ?)".replace("?", "{}").format(
-            _sql_str(settings.s3_access_key.get_secret_value()), _sql_str(settings.s3_secret_key.get_secret_value()),
-            _sql_str(settings.s3_region), _sql_str(settings.s3_netloc), "true" if settings.s3_secure else "false"))
-
-
 def _sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
-
-
-def _folder_model_version(root: Path) -> str:
-    """The model version of a shard folder: its models/ACTIVE pointer, else its only codes/ subfolder."""
-    active = root / "models" / "ACTIVE"
-    if active.is_file():
-        return json.loads(active.read_text())["version"]
-    versions = sorted(p.name for p in (root / CODES_PREFIX).glob("*") if p.is_dir())
-    if len(versions) == 1:
-        return versions[0]
-    raise ValueError(f"cannot tell which model version to read in {root}: no models/ACTIVE and "
-                     f"codes/ holds {versions or 'nothing'}; pass model_version=")
 
 
 def _state(con: duckdb.DuckDBPyConnection) -> _ConnectionState:

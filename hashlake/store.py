@@ -44,8 +44,9 @@ class ObjectInfo:
     key: str
     etag: str  # without quotes, as MinIO's events carry it
     size: int
-    last_modified: datetime | None
+    last_modified: datetime | None  # a GET's header: whole seconds; a listing's: milliseconds
     metadata: dict[str, str]
+    version_id: str | None = None  # in a versioned bucket, the version read; None elsewhere
 
 
 def _strip_etag(etag: str | None) -> str:
@@ -92,6 +93,7 @@ class ObjectStore:
                     size=int(resp.headers.get("Content-Length", 0)),
                     last_modified=_parse_http_date(resp.headers.get("Last-Modified")),
                     metadata=_user_metadata(resp.headers),
+                    version_id=_version_id(resp.headers.get("x-amz-version-id")),
                 )
                 if max_bytes is not None and info.size > max_bytes:
                     raise ObjectTooLarge(f"s3://{bucket}/{key} is {info.size} bytes, over the limit of {max_bytes}")
@@ -109,7 +111,8 @@ class ObjectStore:
     def stat(self, bucket: str, key: str) -> ObjectInfo:
         with self._errors(bucket, key):
             st = self.client.stat_object(bucket, key)
-        return ObjectInfo(bucket, key, _strip_etag(st.etag), st.size or 0, st.last_modified, _user_metadata(st.metadata or {}))
+        return ObjectInfo(bucket, key, _strip_etag(st.etag), st.size or 0, st.last_modified,
+                          _user_metadata(st.metadata or {}), _version_id(st.version_id))
 
     def put(self, bucket: str, key: str, body: bytes, *, content_type: str = "application/octet-stream",
             metadata: dict[str, str] | None = None) -> str:
@@ -174,6 +177,11 @@ class ObjectTooLarge(StoreError):
 def _user_metadata(headers) -> dict[str, str]:
     prefix = "x-amz-meta-"
     return {k[len(prefix):].lower(): v for k, v in dict(headers).items() if k.lower().startswith(prefix)}
+
+
+def _version_id(value: str | None) -> str | None:
+    """S3 says "null" for an object written before versioning was enabled, MinIO may say "": no id."""
+    return None if value in (None, "", "null") else value
 
 
 def _parse_http_date(value: str | None) -> datetime | None:

@@ -1,19 +1,24 @@
-"""Shared fixtures: real redis-server and moto_server processes on free ports, one per test session.
+"""Shared fixtures: real redis-server, moto_server and PostgreSQL processes on free ports, one per test session.
 
-Tests isolate themselves by bucket names and Redis databases/keys (``settings`` gives each test
-fresh buckets), not by mocking anything.
+Tests isolate themselves by bucket names, Redis keys and catalog databases (``settings`` gives each
+test fresh buckets and a lake of its own), not by mocking anything.
 """
 from __future__ import annotations
 
 import io
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
 
 from hashlake.config import Settings
-from hashlake.services import free_port, start_moto, start_redis
+from hashlake.lake.catalog_db import ensure_catalog
+from hashlake.services import free_port, start_moto, start_postgres, start_redis
 from hashlake.store import ObjectStore
+
+PG_SUPERUSER, PG_PASSWORD = "hashlake", "hashlake-test-pw"
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR10 = ROOT.parent / "shared" / "datasets" / "cifar10.parquet"
@@ -38,11 +43,23 @@ def s3_service(services_dir):
     svc.stop()
 
 
+@pytest.fixture(scope="session")
+def pg_service():
+    # Not under pytest's tmp folder: run as root, the cluster belongs to the postgres system user,
+    # which cannot enter pytest's 0700 folders.
+    root = Path(tempfile.mkdtemp(prefix="hashlake-test-pg-"))
+    root.chmod(0o755)
+    svc = start_postgres(free_port(), root / "data", superuser=PG_SUPERUSER, password=PG_PASSWORD, durable=False)
+    yield svc
+    svc.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture
-def settings(redis_service, s3_service, tmp_path) -> Settings:
-    """Settings pointing at the session's services, with buckets and a Redis db of this test's own."""
+def settings(redis_service, s3_service, pg_service, tmp_path) -> Settings:
+    """Settings pointing at the session's services, with buckets, Redis keys and a lake of this test's own."""
     suffix = uuid.uuid4().hex[:8]
-    return Settings(
+    settings = Settings(
         s3_endpoint=f"http://127.0.0.1:{s3_service.port}",
         s3_access_key="testing",
         s3_secret_key="testing",
@@ -52,7 +69,13 @@ def settings(redis_service, s3_service, tmp_path) -> Settings:
         events_key=f"minio-events-{suffix}",
         webhook_token="test-token",
         stack_dir=tmp_path / "stack",
+        pg_port=pg_service.port,
+        pg_user=PG_SUPERUSER,
+        pg_password=PG_PASSWORD,
+        pg_database=f"lake_{suffix}",
     )
+    ensure_catalog(settings)
+    return settings
 
 
 @pytest.fixture
@@ -103,4 +126,9 @@ def cli_env(settings: Settings) -> dict[str, str]:
             "HASHLAKE_IMAGES_BUCKET": settings.images_bucket,
             "HASHLAKE_INDEX_BUCKET": settings.index_bucket,
             "HASHLAKE_REDIS_URL": settings.redis_url,
-            "HASHLAKE_EVENTS_KEY": settings.events_key}
+            "HASHLAKE_EVENTS_KEY": settings.events_key,
+            "HASHLAKE_PG_HOST": settings.pg_host,
+            "HASHLAKE_PG_PORT": str(settings.pg_port),
+            "HASHLAKE_PG_DATABASE": settings.pg_database,
+            "HASHLAKE_PG_USER": settings.pg_user,
+            "HASHLAKE_PG_PASSWORD": settings.pg_password.get_secret_value()}

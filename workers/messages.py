@@ -5,10 +5,10 @@ the encode and tombstone tasks consume them.
 """
 from __future__ import annotations
 
+import hashlib
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-
-from hashlake.shards import batch_id_for
 
 # Task names are part of the wire format: the intake sends by name without importing the workers.
 ENCODE_TASK = "hashlake.encode_batch"
@@ -21,7 +21,11 @@ class ObjectRef:
     key: str  # decoded (not URL-encoded) object name
     etag: str = ""  # "" when the event carried none (deletes); the worker reads the real one
     size: int | None = None
-    event_time: str | None = None  # ISO 8601 from the event; for deletes, the tombstone's time
+    event_time: str | None = None  # ISO 8601 from the event (milliseconds)
+    # Orders the versions of a key and its deletes, in ns since the epoch: MinIO's sequencer when the
+    # event carried one, else the event's or the listing's time. None: unknown (the read's time is used).
+    mtime_ns: int | None = None
+    version_id: str | None = None  # a versioned bucket's version id; for a delete, the version removed
 
 
 @dataclass(frozen=True)
@@ -38,11 +42,11 @@ class Batch:
 
     @property
     def batch_id(self) -> str:
-        # Derived from content: a re-sent batch (duplicate event, retry) has the same id and so
-        # writes the same shard name. Deletes carry no etag; their time is part of their identity,
-        # so a replayed older delete cannot overwrite the tombstone file of a newer one.
+        # Derived from content: a re-sent batch (duplicate event, retry) has the same id. Deletes
+        # carry no etag; their time and version are part of their identity.
         if self.kind == "delete":
-            return batch_id_for((o.bucket, o.key, o.event_time or "") for o in self.objects)
+            return batch_id_for((o.bucket, o.key, f"{o.mtime_ns or o.event_time or ''}/{o.version_id or ''}/{o.etag}")
+                                for o in self.objects)
         return batch_id_for((o.bucket, o.key, o.etag) for o in self.objects)
 
     @property
@@ -71,3 +75,11 @@ class Batch:
             raise ValueError(f"malformed batch message: model_version {model_version!r} is not a version id")
         return cls(kind=kind, objects=objects, enqueued_at=float(data.get("enqueued_at", time.time())),
                    crashes=crashes, model_version=model_version)
+
+
+def batch_id_for(objects: Iterable[tuple[str, str, str]]) -> str:
+    """A stable id for a batch of (bucket, key, etag): same set, same id, whatever the order."""
+    digest = hashlib.sha256()
+    for bucket, key, etag in sorted(set(objects)):
+        digest.update(f"{bucket}\0{key}\0{etag}\n".encode())
+    return digest.hexdigest()[:24]

@@ -33,12 +33,14 @@ from kombu.exceptions import OperationalError
 
 from hashlake.catalog import ModelNotFound
 from hashlake.config import Settings, get_settings
+from hashlake.lake.writer import LakeUnavailable
 from hashlake.store import ObjectStore, StoreUnavailable
 from workers import metrics
 from workers.celery_app import app
 from workers.deliveries import DeliveryLedger, History
 from workers.encode.model import ModelHandle
 from workers.encode.read import start_io_threads
+from workers.encode.rejects import CRASHED_WORKER
 from workers.encode.runner import encode_batch, record_crashed, split_batch, tombstone_batch, unique_refs
 from workers.messages import ENCODE_TASK, TOMBSTONE_TASK, Batch
 
@@ -48,7 +50,7 @@ log = logging.getLogger(__name__)
 # a random time up to 2·2ⁿ s (jitter spreads a herd of workers), capped at 300 s, below the broker's
 # visibility timeout; 10 retries span up to ~18 min. After that the task fails loudly and the
 # reconciler re-announces the objects on its next pass.
-TRANSIENT = (StoreUnavailable, ModelNotFound)
+TRANSIENT = (StoreUnavailable, LakeUnavailable, ModelNotFound)
 RETRY_OPTIONS = dict(autoretry_for=TRANSIENT, retry_backoff=2, retry_backoff_max=300, retry_jitter=True,
                      max_retries=10)
 
@@ -153,9 +155,9 @@ def _isolate(batch: Batch, history: History, proc: type[_Process]) -> dict:
     """A batch whose worker process died ``history.unfinished`` times: send its halves, or record its
     one object as ``crashed_worker``."""
     if len(unique_refs(batch.objects)) == 1:
-        result = record_crashed(batch, history, proc.settings, proc.model, store=proc.store)
+        result = record_crashed(batch, history, proc.settings, proc.model)
         log.error("batch %s (%s) killed the worker process %d times on its own (last: %s); recorded as %s",
-                  batch.batch_id, _where(batch), history.unfinished, history.describe(), result.failures_key)
+                  batch.batch_id, _where(batch), history.unfinished, history.describe(), CRASHED_WORKER)
         for reason, count in result.failures_by_reason.items():
             metrics.FAILURES.labels(reason).inc(count)
         metrics.BATCHES.labels("encode", "crashed").inc()
@@ -166,7 +168,7 @@ def _isolate(batch: Batch, history: History, proc: type[_Process]) -> dict:
         for half in halves:
             encode_batch_task.apply_async(args=[half.to_json()], time_limit=hard, soft_time_limit=soft)
     except OperationalError as exc:
-        # Not acked: the batch comes back and is split again; a half sent twice rewrites its own shards.
+        # Not acked: the batch comes back and is split again; a half sent twice adds nothing to the lake.
         raise Reject(f"could not send the halves of batch {batch.batch_id}: {exc}", requeue=True) from exc
     log.error("batch %s of %d objects killed the worker process %d times (last: %s); split into %s",
               batch.batch_id, len(unique_refs(batch.objects)), history.unfinished, history.describe(),
@@ -190,12 +192,12 @@ def _where(batch: Batch) -> str:
 
 
 @app.task(name=TOMBSTONE_TASK, base=BatchTask, kind="delete", **RETRY_OPTIONS)
-def tombstone_batch_task(batch_json: dict) -> str:
+def tombstone_batch_task(batch_json: dict) -> int:
     batch = Batch.from_json(batch_json)
     proc = _Process.get()
-    key = tombstone_batch(batch, proc.settings, proc.store)
+    rows = tombstone_batch(batch, proc.settings)
     metrics.observe_tombstones(batch)
-    return key
+    return rows
 
 
 # -- worker node (main process) ------------------------------------------------------------------

@@ -1,129 +1,128 @@
-"""Loads one model version's shards into memory and keeps them current: ``CodeIndex.refresh()``.
+"""Loads one model version's codes from the lake into memory and keeps them current: ``CodeIndex.refresh()``.
 
-The shards in the store stay the source of truth; the in-memory form is rebuilt from them:
-- a refresh lists ``codes/<model_version>/`` and ``tombstones/``, reads only the shards not yet
-  loaded (in parallel: they are independent GETs), and turns them into one new segment;
-- the visibility rule (``visibility.py``, the same SQL as the ``codes`` view) runs on the new rows
-  plus the old visible rows sharing a key with them or with a new tombstone; old rows that lose
-  are added to their segment's hidden list, new rows that lose never enter memory;
-- a shard rewritten or removed since it was loaded (a changed fingerprint) makes the refresh start
-  over from an empty index, since its old rows cannot be told apart from the others;
+The lake stays the source of truth; the in-memory form is built from it:
+- the first refresh reads the version's codes rows and every delete row at one lake snapshot;
+- a later refresh reads only what was committed since the snapshot it holds (the lake's change feed:
+  ``ducklake_table_changes``) and turns the new rows into one new segment;
+- the rule of ``hashlake.lake.rules`` (newest version per key, deletes) runs on the new rows plus the
+  old visible rows sharing a key with them or with a new delete; old rows that lose are added to
+  their segment's hidden list, new rows that lose never enter memory. A delete of one version of a
+  versioned bucket can make an older version current again, so the keys it names are re-read;
+- when the held snapshot has been expired by compaction, the refresh loads afresh;
 - segments with many hidden rows are compacted, and past MAX_SEGMENTS the smaller segments are
   merged, so a query touches few segments whatever the refresh history.
 
-One ``CodeIndex`` per (source, model version) is shared by every connection of the process
+One ``CodeIndex`` per (lake, model version) is shared by every connection of the process
 (``shared_index``); refreshes are serialized by a lock, queries never wait on it.
 """
 from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hashlake.index.snapshot import DETAIL_COLUMNS, TOMBSTONE_COLUMNS, Segment, Snapshot, empty_hidden
-from hashlake.index.source import ShardFile, ShardSource
-from hashlake.index.visibility import IDENTITY_COLUMNS, visible_rows_sql
-from hashlake.shards import CODES_PREFIX, TOMBSTONES_PREFIX, ShardMeta
+from hashlake.index.lake_source import LakeSource, SnapshotGone
+from hashlake.index.snapshot import Segment, Snapshot, empty_hidden
+from hashlake.lake.rules import IDENTITY_COLUMNS, current_codes_sql
 
 log = logging.getLogger(__name__)
 
 MAX_SEGMENTS = 8  # past this, all but the largest segment are merged into one
 # A hidden row costs every k-NN query one extra candidate; past this many a segment is compacted.
 MAX_HIDDEN = 1024
-READ_THREADS = 8  # concurrent shard GETs: I/O bound, not CPU bound
 
 
 class CodeIndex:
-    def __init__(self, source: ShardSource, model_version: str, *, bits: int | None = None):
+    def __init__(self, source: LakeSource, model_version: str, *, bits: int | None = None):
         self.source = source
         self.model_version = model_version
         self.snapshot = Snapshot(model_version=model_version, bits=bits)
         self._lock = threading.Lock()
 
     def refresh(self) -> Snapshot:
-        """Load shards that arrived since the last refresh; return (and publish) the new snapshot."""
+        """Load what the lake committed since the last refresh; return (and publish) the new snapshot."""
         with self._lock:
             old = self.snapshot
-            code_files = self.source.list(f"{CODES_PREFIX}{self.model_version}/")
-            tomb_files = self.source.list(TOMBSTONES_PREFIX)
-            if _rewritten(old.code_files, code_files) or _rewritten(old.tombstone_files, tomb_files):
-                log.warning("shards of %s were rewritten or removed since loaded: rebuilding the index",
-                            self.model_version)
-                old = Snapshot(model_version=self.model_version, bits=old.bits)
-            new_codes = _not_loaded(old.code_files, code_files)
-            new_tombs = _not_loaded(old.tombstone_files, tomb_files)
-            if new_codes or new_tombs:
-                self.snapshot = _compact(self._add(old, new_codes, new_tombs))
+            target = self.source.current_snapshot()
+            if old.lake_snapshot == target:
+                return old
+            if old.lake_snapshot is None:
+                codes, deletes = self.source.codes(self.model_version, target), self.source.deletes(target)
+            else:
+                try:
+                    codes, deletes = self.source.changes(self.model_version, old.lake_snapshot, target)
+                except SnapshotGone as exc:
+                    log.warning("index of %s: %s; loading afresh", self.model_version, exc)
+                    old = Snapshot(model_version=self.model_version, bits=old.bits)
+                    codes, deletes = self.source.codes(self.model_version, target), self.source.deletes(target)
+            self.snapshot = _compact(self._add(old, codes, deletes, target))
             return self.snapshot
 
-    def _add(self, old: Snapshot, code_files: list[ShardFile], tomb_files: list[ShardFile]) -> Snapshot:
-        with ThreadPoolExecutor(READ_THREADS) as pool:
-            code_tables = list(pool.map(lambda f: self._read_codes(f, old.bits), code_files))
-            tomb_tables = list(pool.map(lambda f: self.source.read(f.name, list(TOMBSTONE_COLUMNS)), tomb_files))
-        bits = old.bits if old.bits is not None else (code_tables[0][1] if code_tables else None)
-        for file, (_, shard_bits, _) in zip(code_files, code_tables):
-            if shard_bits != bits:
-                raise ValueError(f"shard {file.name} holds {shard_bits}-bit codes but this index holds "
-                                 f"{bits}-bit codes (from {code_files[0].name})")
-        tombstones = pa.concat_tables([old.tombstones, *[t.cast(old.tombstones.schema) for t in tomb_tables]])
-        if code_tables:
-            columns = pa.concat_tables([t for t, _, _ in code_tables]).combine_chunks()
-            codes = np.concatenate([c for _, _, c in code_tables]) if len(code_tables) > 1 else code_tables[0][2]
-        else:
-            columns, codes = None, np.zeros((0, (bits or 8) // 8), np.uint8)
-        segments, hidden, keep_new = _apply_visibility(old, columns, tomb_tables, tombstones)
-        if columns is not None and keep_new.size:
+    def _add(self, old: Snapshot, codes: pa.Table, new_deletes: pa.Table, at: int) -> Snapshot:
+        versioned = new_deletes.filter(pc.is_valid(new_deletes.column("version_id")))
+        if versioned.num_rows and old.segments:
+            # a removed version may uncover an older one, which this index may have hidden: read the keys again
+            keys = versioned.select(["bucket", "key"])
+            codes = pa.concat_tables([codes, self.source.codes_of_keys(self.model_version, keys, at)])
+        bits = _bits_of(codes, old.bits, self.model_version)
+        matrix = _code_matrix(codes.column("code"), (bits or 8) // 8)
+        columns = codes.drop_columns(["code"]).combine_chunks()
+        deletes = pa.concat_tables([old.deletes, new_deletes.cast(old.deletes.schema)])
+        segments, hidden, keep_new = _apply_rule(old, columns if columns.num_rows else None, new_deletes, deletes)
+        if columns.num_rows and keep_new.size:
             if keep_new.size < columns.num_rows:  # else keep every row, without a copy
-                codes, columns = codes[keep_new], columns.take(pa.array(keep_new))
-            segments.append(Segment.build(codes, columns))
+                matrix, columns = matrix[keep_new], columns.take(pa.array(keep_new))
+            segments.append(Segment.build(matrix, columns))
             hidden.append(empty_hidden())
         return Snapshot(model_version=self.model_version, bits=bits, segments=tuple(segments),
-                        hidden=tuple(hidden), code_files=tuple(sorted({*old.code_files, *code_files}, key=_name)),
-                        tombstone_files=tuple(sorted({*old.tombstone_files, *tomb_files}, key=_name)),
-                        tombstones=tombstones)
+                        hidden=tuple(hidden), lake_snapshot=at, deletes=deletes)
 
-    def _read_codes(self, file: ShardFile, bits: int | None) -> tuple[pa.Table, int, np.ndarray]:
-        """One codes shard → (its other columns, bits, codes (n, bits/8) uint8)."""
-        table = self.source.read(file.name, [*IDENTITY_COLUMNS, *DETAIL_COLUMNS, "code"])
-        meta = ShardMeta.from_kv(table.schema.metadata)
-        if meta.model_version != self.model_version:
-            raise ValueError(f"shard {file.name} holds model version {meta.model_version!r}, "
-                             f"not {self.model_version!r}: it is in the wrong folder")
-        if bits is not None and meta.bits != bits:
-            raise ValueError(f"shard {file.name} holds {meta.bits}-bit codes but this index holds {bits}-bit codes")
-        return table.drop_columns(["code"]), meta.bits, _code_matrix(table.column("code"), meta.bits // 8)
+
+def _bits_of(codes: pa.Table, bits: int | None, model_version: str) -> int | None:
+    """The code length of ``codes`` (all rows must agree with each other and with ``bits``)."""
+    if not codes.num_rows:
+        return bits
+    lengths = pc.binary_length(codes.column("code"))
+    low, high = pc.min(lengths).as_py(), pc.max(lengths).as_py()
+    if low != high or (bits is not None and low * 8 != bits):
+        raise ValueError(f"codes of model version {model_version!r} in the lake have {low * 8} to {high * 8} bits"
+                         + (f" but this index holds {bits}-bit codes" if bits is not None else "")
+                         + ": one model version writes one code length")
+    return low * 8
 
 
 def _code_matrix(column: pa.ChunkedArray, nbytes: int) -> np.ndarray:
-    """fixed_size_binary(nbytes) column → (n, nbytes) uint8, read straight from the Arrow buffers."""
+    """A binary column of codes all ``nbytes`` long → (n, nbytes) uint8, from the Arrow buffers."""
     parts = []
     for chunk in column.chunks:
         if chunk.null_count:
-            raise ValueError("a codes shard has null codes; the shard writer never writes them")
-        data = chunk.buffers()[1]
-        parts.append(np.frombuffer(data, np.uint8, count=len(chunk) * nbytes,
-                                   offset=chunk.offset * nbytes).reshape(-1, nbytes))
+            raise ValueError("the lake holds a null code; the writer never writes one")
+        if not len(chunk):
+            continue
+        offsets = np.frombuffer(chunk.buffers()[1], np.int32 if chunk.type == pa.binary() else np.int64,
+                                count=len(chunk) + 1, offset=chunk.offset * (4 if chunk.type == pa.binary() else 8))
+        data = np.frombuffer(chunk.buffers()[2], np.uint8)
+        parts.append(data[offsets[0]:offsets[-1]].reshape(-1, nbytes))
     if not parts:
         return np.zeros((0, nbytes), np.uint8)
     return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
 
 
-def _apply_visibility(old: Snapshot, identity: pa.Table | None, new_tombs: list[pa.Table],
-                      tombstones: pa.Table) -> tuple[list[Segment], list[np.ndarray], np.ndarray]:
-    """Run the visibility rule on the rows a refresh can change. Returns the old segments, their
+def _apply_rule(old: Snapshot, identity: pa.Table | None, new_deletes: pa.Table,
+                deletes: pa.Table) -> tuple[list[Segment], list[np.ndarray], np.ndarray]:
+    """Run the current-rows rule on the rows a refresh can change. Returns the old segments, their
     updated hidden lists, and the positions of the new rows that are visible."""
     segments, hidden = list(old.segments), list(old.hidden)
-    touched = [t.column("key") for t in new_tombs]
+    touched = [new_deletes.column("key")]
     if identity is not None:
         touched.append(identity.column("key"))
-    if not touched:
+    keys = pc.unique(pa.chunked_array(touched, pa.string()).combine_chunks())
+    if not len(keys):
         return segments, hidden, np.zeros(0, np.int64)
-    keys = pc.unique(pa.chunked_array(touched, pa.string()).combine_chunks()) if segments else None
     parts = []
     for s, (segment, seg_hidden) in enumerate(zip(segments, hidden)):
         mask = pc.is_in(segment.columns.column("key"), value_set=keys).to_numpy(zero_copy_only=False)
@@ -137,15 +136,15 @@ def _apply_visibility(old: Snapshot, identity: pa.Table | None, new_tombs: list[
     if not parts:
         return segments, hidden, np.zeros(0, np.int64)
     candidates = pa.concat_tables(parts)
-    # Only rows whose key occurs twice or has a tombstone can lose; the rule runs on those alone
+    # Only rows whose key occurs twice or has a delete can lose; the rule runs on those alone
     # (a full window over 10M new rows took most of a first load).
     contested = ("(SELECT c.* FROM candidates AS c SEMI JOIN (SELECT key FROM candidates GROUP BY key "
-                 "HAVING count(*) > 1 UNION SELECT key FROM tombstones) AS k USING (key))")
-    # among exact duplicates the row loaded first stays: no churn when a shard is re-read
-    winners = visible_rows_sql("contested", "tombstones", ", _seg, _pos")
+                 "HAVING count(*) > 1 UNION SELECT key FROM deletes) AS k USING (key))")
+    # among exact duplicates the row loaded first stays: no churn when a row is read twice
+    winners = current_codes_sql("contested", "deletes", ", _seg, _pos")
     with duckdb.connect() as con:
         con.register("candidates", candidates)
-        con.register("tombstones", tombstones)
+        con.register("deletes", deletes)
         con.execute(f"CREATE TEMP TABLE contested AS SELECT * FROM {contested}")
         lost = con.execute(f"SELECT _seg, _pos FROM contested EXCEPT SELECT _seg, _pos FROM ({winners})"
                            ).to_arrow_table()
@@ -180,30 +179,15 @@ def _compact(snapshot: Snapshot) -> Snapshot:
         pairs = [pairs[largest], (merged, empty_hidden())]
     return Snapshot(model_version=snapshot.model_version, bits=snapshot.bits,
                     segments=tuple(s for s, _ in pairs), hidden=tuple(h for _, h in pairs),
-                    code_files=snapshot.code_files, tombstone_files=snapshot.tombstone_files,
-                    tombstones=snapshot.tombstones)
-
-
-def _name(file: ShardFile) -> str:
-    return file.name
-
-
-def _rewritten(loaded: tuple[ShardFile, ...], listed: list[ShardFile]) -> bool:
-    current = {f.name: f.fingerprint for f in listed}
-    return any(current.get(f.name) != f.fingerprint for f in loaded)
-
-
-def _not_loaded(loaded: tuple[ShardFile, ...], listed: list[ShardFile]) -> list[ShardFile]:
-    names = {f.name for f in loaded}
-    return [f for f in listed if f.name not in names]
+                    lake_snapshot=snapshot.lake_snapshot, deletes=snapshot.deletes)
 
 
 _SHARED: dict[tuple[str, str], CodeIndex] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def shared_index(source: ShardSource, model_version: str, *, bits: int | None = None) -> CodeIndex:
-    """The process's one ``CodeIndex`` for (source, model version), created on first use."""
+def shared_index(source: LakeSource, model_version: str, *, bits: int | None = None) -> CodeIndex:
+    """The process's one ``CodeIndex`` for (lake, model version), created on first use."""
     key = (source.describe(), model_version)
     with _SHARED_LOCK:
         if key not in _SHARED:

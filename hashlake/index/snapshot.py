@@ -1,6 +1,6 @@
 """The in-memory form of one model version's codes: immutable segments and the snapshot that lists them.
 
-A segment holds the rows of the shards loaded in one refresh: their codes as one C-contiguous
+A segment holds the rows loaded from the lake in one refresh: their codes as one C-contiguous
 (n, bits/8) uint8 matrix (the only in-memory copy of those codes: 1.0× their packed size), their other
 columns as Arrow columns (the identity: bucket, key, etag, last_modified, encoded_at; and size and
 labels, which ``search_rows`` returns), and, when large enough, its multi-index hash tables. Rows
@@ -11,17 +11,14 @@ it in one assignment, and queries running on the old one finish undisturbed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
 
+from hashlake.index.lake_source import DETAIL_COLUMNS
 from hashlake.index.mih import MultiIndexHash, plan
-from hashlake.index.source import ShardFile
-from hashlake.index.visibility import IDENTITY_COLUMNS
-
-# Columns of codes the index holds besides the identity and the code, so that search_rows answers from
-# memory. A segment built without them (tests' synthetic rows) answers NULL for them.
-DETAIL_COLUMNS = ("size", "labels")
+from hashlake.lake.rules import IDENTITY_COLUMNS
 
 # Below this many rows a flat scan costs < 0.2 ms, less than probing tables would.
 MIH_MIN_ROWS = 100_000
@@ -29,8 +26,6 @@ MIH_MIN_ROWS = 100_000
 # fractions down to ~1e-7, below k/n for k=10 at 10M rows; ~0.1 s per segment build.
 PROFILE_QUERIES = 256
 PROFILE_ROWS = 65_536
-
-TOMBSTONE_COLUMNS = ("bucket", "key", "deleted_at")
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,9 +95,10 @@ def empty_hidden() -> np.ndarray:
     return np.zeros(0, np.int64)
 
 
-def empty_tombstones() -> pa.Table:
+def empty_deletes() -> pa.Table:
     return pa.table({"bucket": pa.array([], pa.string()), "key": pa.array([], pa.string()),
-                     "deleted_at": pa.array([], pa.timestamp("us", tz="UTC"))})
+                     "version_id": pa.array([], pa.string()), "etag": pa.array([], pa.string()),
+                     "mtime_ns": pa.array([], pa.int64())})
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,14 +107,37 @@ class Snapshot:
     bits: int | None  # None until the first shard (or the model card) tells
     segments: tuple[Segment, ...] = ()
     hidden: tuple[np.ndarray, ...] = ()  # per segment: sorted int64 row positions no longer visible
-    code_files: tuple[ShardFile, ...] = ()  # the shards these segments were built from
-    tombstone_files: tuple[ShardFile, ...] = ()
-    tombstones: pa.Table = field(default_factory=empty_tombstones)  # every loaded tombstone
+    lake_snapshot: int | None = None  # the lake snapshot these segments hold; None: nothing loaded yet
+    deletes: pa.Table = field(default_factory=empty_deletes)  # every delete row up to lake_snapshot
 
     @property
     def rows(self) -> int:
         """Visible rows: what the ``codes`` view shows for this snapshot."""
         return sum(s.rows - len(h) for s, h in zip(self.segments, self.hidden))
+
+    @cached_property
+    def visible_rows(self) -> pa.Table:
+        """The visible rows as one Arrow table (the ``codes`` view): the segments' columns and their codes
+        as fixed-size binary over the code matrices (no copy), hidden rows left out."""
+        width = self.bits or 8
+        schema = pa.schema([("bucket", pa.string()), ("key", pa.string()), ("etag", pa.string()),
+                            ("version_id", pa.string()), ("size", pa.int64()),
+                            ("last_modified", pa.timestamp("us", tz="UTC")), ("code", pa.binary(width // 8)),
+                            ("encoded_at", pa.timestamp("us", tz="UTC")), ("labels", pa.list_(pa.string()))])
+        parts = []
+        for segment, hidden in zip(self.segments, self.hidden):
+            codes = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width // 8), segment.rows,
+                                                         [None, pa.py_buffer(segment.codes)])
+            columns = {name: (segment.columns.column(name) if name in segment.columns.column_names
+                              else pa.nulls(segment.rows, schema.field(name).type)) for name in schema.names
+                       if name != "code"}
+            table = pa.table({**columns, "code": codes}).select(schema.names).cast(schema)
+            if hidden.size:
+                keep = np.ones(segment.rows, bool)
+                keep[hidden] = False
+                table = table.filter(pa.array(keep))
+            parts.append(table)
+        return pa.concat_tables(parts) if parts else schema.empty_table()
 
     @property
     def nbytes(self) -> int | None:

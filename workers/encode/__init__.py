@@ -4,7 +4,7 @@
     read.py     fetch objects concurrently from the store (a process-wide thread pool)
     decode.py   bytes → RGB PIL image: EXIF orientation, pixel limit, bad input refused
     model.py    the active model version, loaded once per process; batched forward → packed codes
-    write.py    codes / failures / tombstones shards, written whole under names derived from the batch
+    write.py    a batch's codes / failures / deletes rows as Arrow tables of the lake's schemas
     runner.py   ``encode_batch`` and ``tombstone_batch``: the sequential runner Celery tasks and
                 benchmarks call
 """

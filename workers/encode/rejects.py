@@ -1,7 +1,7 @@
 """Why an image was refused: the short reasons that ``failures`` rows carry, and the error that carries them.
 
-A refusal is permanent for that (bucket, key, etag): it becomes one row in the batch's failures
-shard and the rest of the batch is still indexed. Transient trouble (``StoreUnavailable``) is never
+A refusal is permanent for that (bucket, key, etag): it becomes one row of the lake's failures
+table and the rest of the batch is still indexed. Transient trouble (``StoreUnavailable``) is never
 a refusal: the task is retried instead. ``crashed_worker`` is the one reason no exception carries: an
 object whose batch of one kept killing the worker process (see ``workers.deliveries``).
 """
@@ -37,7 +37,7 @@ class ImageRejected(UndecodableImage):
 
 @dataclass(frozen=True)
 class Failure:
-    """One refused object: becomes one row of failures/<model_version>/<batch_id>.parquet."""
+    """One refused object: becomes one row of the lake's failures table."""
 
     ref: ObjectRef
     etag: str  # the etag of the bytes read when a read happened, else the event's

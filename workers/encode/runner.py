@@ -20,14 +20,14 @@ from datetime import datetime, timezone
 import numpy as np
 
 from hashing_models.decode import UndecodableImage, decode_image
-from hashlake import shards
 from hashlake.config import Settings
-from hashlake.store import ObjectMissing, ObjectStore
+from hashlake.lake.writer import LakeWriter, shared_writer
+from hashlake.store import ObjectStore
 from workers.encode import model as model_stage
 from workers.encode.model import LoadedModel, ModelHandle
 from workers.encode.read import Fetched, io_pool, read_object
 from workers.encode.rejects import CRASHED_WORKER, Failure, ImageRejected
-from workers.encode.write import code_rows, parse_event_time, write_codes, write_failures, write_tombstones
+from workers.encode.write import codes_table, deletes_table, failures_table, parse_event_time
 from workers.deliveries import History
 from workers.messages import Batch, ObjectRef
 
@@ -47,14 +47,14 @@ MIN_FORWARD_CHUNK = 8
 class EncodeResult:
     batch_id: str
     model_version: str
-    encoded: int  # rows in the codes shard
-    failures_by_reason: dict[str, int]  # rows in the failures shard, by reason
+    encoded: int  # code rows committed
+    failures_by_reason: dict[str, int]  # failure rows committed, by reason
     read_s: float  # from the batch's start until its last object was read, decoded and prepared (wall)
     infer_s: float  # forward + sign/pack, summed over the chunks (overlaps read_s)
-    write_s: float  # shards built and written whole
-    codes_key: str | None  # None when every object failed
-    failures_key: str | None  # None when none failed
-    written_at: float  # epoch s when the last shard was written: the batch is queryable from then
+    write_s: float  # rows built and committed to the lake
+    written_at: float  # epoch s of the commit: the batch is queryable from then
+    known: int = 0  # image versions the model version already held: not read again
+    superseded: int = 0  # objects overwritten since their event: left to the newer version's own event
     event_times: list[float] = field(default_factory=list)  # epoch s of the encoded objects' events, when known
 
     @property
@@ -64,8 +64,8 @@ class EncodeResult:
     def summary(self) -> dict:
         """JSON-safe digest, for logs and the task's return value."""
         return {"batch_id": self.batch_id, "model": self.model_version, "encoded": self.encoded,
-                "failed": self.failures_by_reason, "read_s": round(self.read_s, 4),
-                "infer_s": round(self.infer_s, 4), "write_s": round(self.write_s, 4)}
+                "failed": self.failures_by_reason, "known": self.known, "superseded": self.superseded,
+                "read_s": round(self.read_s, 4), "infer_s": round(self.infer_s, 4), "write_s": round(self.write_s, 4)}
 
 
 @dataclass(frozen=True)
@@ -95,47 +95,53 @@ def load_one(store: ObjectStore, settings: Settings, loaded: LoadedModel, ref: O
 
 
 def encode_batch(batch: Batch, settings: Settings, model_handle: ModelHandle, *,
-                 store: ObjectStore | None = None) -> EncodeResult:
-    """Encode every object of ``batch`` into codes/<model>/<batch_id>.parquet; refused objects go to
-    failures/<model>/<batch_id>.parquet, which is removed when this run refuses none. <model> is the
-    batch's ``model_version`` when it names one (a staged re-encode), else the one the handle follows.
+                 store: ObjectStore | None = None, lake: LakeWriter | None = None) -> EncodeResult:
+    """Encode every object of ``batch`` and commit its codes and its refusals to the lake in one
+    transaction, under the batch's ``model_version`` when it names one (a staged re-encode), else the
+    version the handle follows.
 
-    Raises ``ModelNotFound`` (no active model) before reading anything, and ``StoreUnavailable``
-    when the store does not answer: both mean "retry the whole batch later"; nothing half-done is
-    visible, since shards are only written at the end.
+    Image versions the model version already holds are skipped before anything is read; an object whose
+    bytes are no longer the version its event announced (overwritten since) is skipped after the read:
+    the newer version's own event, or the reconciler, brings it with its own order.
+
+    Raises ``ModelNotFound`` (no active model) before reading anything, and ``StoreUnavailable`` /
+    ``LakeUnavailable`` when the store or the lake does not answer: all mean "retry the whole batch
+    later"; nothing half-done is visible, since the batch commits at the end, whole.
     """
     if batch.kind != "encode":
         raise ValueError(f"encode_batch got a {batch.kind!r} batch {batch.batch_id}; deletes go to tombstone_batch")
     store = store or model_handle.catalog.store
+    lake = lake or shared_writer(settings)
     loaded = model_handle.current(batch.model_version)
     batch_id = batch.batch_id
 
-    # 1+2) read ▶ decode ▶ prepare on the I/O threads, the forward overlapping them
+    # 0) what the version already holds costs nothing
     refs = unique_refs(batch.objects)
-    ok, failures, codes, read_s, infer_s = _read_and_encode(refs, store, settings, loaded, batch_id)
+    held = lake.known(loaded.version, refs)
+    todo = [r for r in refs if (r.bucket, r.key, r.etag) not in held]
 
-    # 3) write whole shards under names derived from the batch
+    # 1+2) read ▶ decode ▶ prepare on the I/O threads, the forward overlapping them
+    ok, failures, codes, read_s, infer_s = _read_and_encode(todo, store, settings, loaded, batch_id)
+    current = [i for i, item in enumerate(ok) if not _superseded(item.fetched.ref, item.fetched.info.etag)]
+    failures_now = [f for f in failures if not _superseded(f.ref, f.etag)]
+    superseded = len(ok) - len(current) + len(failures) - len(failures_now)
+    ok, codes = [ok[i] for i in current], codes[current]
+
+    # 3) commit the batch's rows in one transaction
     started = time.perf_counter()
     now = datetime.now(timezone.utc)
-    bucket = settings.index_bucket
-    codes_key = failures_key = None
-    # An earlier run of this batch id (a retry, a redelivery, a duplicate) may have written failure rows
-    # that this run no longer finds: the batch's shards say what its latest run found. The delete (one
-    # request, ~4 ms on moto) runs on an I/O thread while the codes shard is written.
-    stale = None if failures else io_pool(settings.download_concurrency).submit(
-        _remove, store, bucket, shards.failures_path(loaded.version, batch_id))
-    if ok:
-        fetched = [item.fetched for item in ok]
-        codes_key = write_codes(store, bucket, loaded.card, batch_id, code_rows(fetched, now), codes)
-    if failures:
-        failures_key = write_failures(store, bucket, loaded.version, batch_id, failures, now)
-    if stale is not None:
-        stale.result()  # StoreUnavailable propagates: the batch is retried, like a failed write
+    lake.commit(codes_table([item.fetched for item in ok], codes, loaded.card, batch_id, now) if ok else None,
+                failures_table(failures_now, loaded.version, batch_id, now) if failures_now else None)
     write_s = time.perf_counter() - started
 
     event_times = [_epoch(item.fetched.ref.event_time) for item in ok if item.fetched.ref.event_time]
-    return EncodeResult(batch_id, loaded.version, len(ok), dict(Counter(f.reason for f in failures)),
-                        read_s, infer_s, write_s, codes_key, failures_key, time.time(), event_times)
+    return EncodeResult(batch_id, loaded.version, len(ok), dict(Counter(f.reason for f in failures_now)),
+                        read_s, infer_s, write_s, time.time(), len(refs) - len(todo), superseded, event_times)
+
+
+def _superseded(ref: ObjectRef, etag_read: str) -> bool:
+    """The bytes read are not the version the event announced (the object was overwritten since)."""
+    return bool(ref.etag and etag_read and etag_read != ref.etag)
 
 
 def _read_and_encode(refs: list[ObjectRef], store: ObjectStore, settings: Settings, loaded: LoadedModel,
@@ -195,9 +201,8 @@ def split_batch(batch: Batch, deaths: int) -> tuple[Batch, Batch]:
 
 
 def record_crashed(batch: Batch, history: History, settings: Settings, model_handle: ModelHandle, *,
-                   store: ObjectStore | None = None) -> EncodeResult:
-    """Write failures/<model>/<batch_id>.parquet with one ``crashed_worker`` row per object of
-    ``batch`` (a batch of one, once ``split_batch`` is done) whose worker process died
+                   lake: LakeWriter | None = None) -> EncodeResult:
+    """Commit one ``crashed_worker`` failure row per object of ``batch`` (a batch of one, once ``split_batch`` is done) whose worker process died
     ``history.unfinished`` times.
 
     First this process encodes a tiny image of its own making: if the decoder or the model kills
@@ -205,7 +210,6 @@ def record_crashed(batch: Batch, history: History, settings: Settings, model_han
     instead of every object of the bucket becoming a failure row. The etag is the event's: no read
     of the object ever finished.
     """
-    store = store or model_handle.catalog.store
     loaded = model_handle.current(batch.model_version)
     _check_this_process_encodes(loaded, settings)
     started = time.perf_counter()
@@ -214,17 +218,19 @@ def record_crashed(batch: Batch, history: History, settings: Settings, model_han
               f"own, {batch.crashes} in the larger batches it was split from); last death: {history.describe()}")
     failures = [Failure(ref, ref.etag, CRASHED_WORKER, f"s3://{ref.bucket}/{ref.key}: {detail}")
                 for ref in unique_refs(batch.objects)]
-    key = write_failures(store, settings.index_bucket, loaded.version, batch.batch_id, failures,
-                         datetime.now(timezone.utc))
+    lake = lake or shared_writer(settings)
+    lake.commit(None, failures_table(failures, loaded.version, batch.batch_id, datetime.now(timezone.utc)))
     return EncodeResult(batch.batch_id, loaded.version, 0, {CRASHED_WORKER: len(failures)}, 0.0, 0.0,
-                        time.perf_counter() - started, None, key, time.time())
+                        time.perf_counter() - started, time.time())
 
 
-def tombstone_batch(batch: Batch, settings: Settings, store: ObjectStore) -> str:
-    """Write tombstones/<batch_id>.parquet for a delete batch; return its key."""
+def tombstone_batch(batch: Batch, settings: Settings, *, lake: LakeWriter | None = None) -> int:
+    """Commit a delete batch's rows to the lake's deletes table; return how many."""
     if batch.kind != "delete":
         raise ValueError(f"tombstone_batch got a {batch.kind!r} batch {batch.batch_id}; encodes go to encode_batch")
-    return write_tombstones(store, settings.index_bucket, batch, datetime.now(timezone.utc))
+    rows = deletes_table(batch, datetime.now(timezone.utc))
+    (lake or shared_writer(settings)).commit_deletes(rows)
+    return rows.num_rows
 
 
 def _check_this_process_encodes(loaded: LoadedModel, settings: Settings) -> None:
@@ -237,13 +243,6 @@ def _check_this_process_encodes(loaded: LoadedModel, settings: Settings) -> None
     Image.new("RGB", (32, 32), (128, 96, 64)).save(buf, format="JPEG")
     image = decode_image(buf.getvalue(), settings.max_image_pixels, name="the self-check image")
     model_stage.pack(model_stage.forward(loaded, model_stage.prepare(loaded, [image])))
-
-
-def _remove(store: ObjectStore, bucket: str, key: str) -> None:
-    try:
-        store.delete(bucket, key)  # S3 answers a delete of an absent key with success: one request
-    except ObjectMissing:  # the bucket itself is gone: there is nothing to remove
-        pass
 
 
 def _epoch(event_time: str) -> float:

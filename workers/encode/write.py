@@ -1,8 +1,9 @@
-"""Write stage: one codes shard, one failures shard and one tombstones shard per batch, each written whole.
+"""Write stage: a batch's rows as Arrow tables of the lake's schemas, committed in one transaction.
 
-Names derive from the batch (``Batch.batch_id``, a hash of its (bucket, key, etag) set), so a
-duplicate or retried batch overwrites its own shards instead of adding rows. Each shard is one PUT,
-which S3 makes all-or-nothing, so a reader never lists half a shard.
+Rows carry the batch id (``Batch.batch_id``, derived from the batch's content) and each image
+version's order (``mtime_ns``: the event's sequencer or the listing's time when the bytes read are
+the version the event announced). The commit itself (``hashlake.lake.writer``) skips rows whose image
+version the model version already holds, so a duplicate or retried batch adds nothing.
 """
 from __future__ import annotations
 
@@ -12,14 +13,12 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from hashlake import shards
+from hashing_models.codes import as_code_matrix
 from hashlake.catalog import ModelCard
-from hashlake.store import ObjectStore
+from hashlake.lake.schema import CODES_SCHEMA, DELETES_SCHEMA, FAILURES_SCHEMA, epoch_ns
 from workers.encode.read import Fetched
 from workers.encode.rejects import Failure
-from workers.messages import Batch
-
-PARQUET = "application/vnd.apache.parquet"
+from workers.messages import Batch, ObjectRef
 
 
 def labels_of(fetched: Fetched) -> list[str]:
@@ -28,44 +27,47 @@ def labels_of(fetched: Fetched) -> list[str]:
     return [label.strip() for label in raw.split(",") if label.strip()]
 
 
-def code_rows(fetched: Sequence[Fetched], encoded_at: datetime) -> list[dict]:
-    """The per-image columns of a codes shard (everything but ``code`` and ``model``)."""
-    return [{"key": f.ref.key, "bucket": f.ref.bucket, "etag": f.info.etag, "size": f.info.size,
-             "last_modified": f.info.last_modified, "encoded_at": encoded_at, "labels": labels_of(f)}
-            for f in fetched]
+def version_order(ref: ObjectRef, read_time: datetime | None) -> int:
+    """``mtime_ns`` of the image version read for ``ref``: the event's or listing's order when it has
+    one, else the store's Last-Modified (whole seconds), else 0 (older than anything)."""
+    if ref.mtime_ns is not None:
+        return ref.mtime_ns
+    return epoch_ns(read_time) if read_time is not None else 0
 
 
-def write_codes(store: ObjectStore, bucket: str, card: ModelCard, batch_id: str, rows: Sequence[dict],
-                codes: np.ndarray) -> str:
-    """Write codes/<model_version>/<batch_id>.parquet; return its key."""
-    meta = shards.ShardMeta(model_version=card.version, bits=card.bits, backbone=card.backbone)
-    table = shards.build_codes_table(rows, codes, meta)
-    key = shards.codes_path(card.version, batch_id)
-    store.put(bucket, key, shards.to_parquet_bytes(table), content_type=PARQUET)
-    return key
+def codes_table(fetched: Sequence[Fetched], codes: np.ndarray, card: ModelCard, batch_id: str,
+                encoded_at: datetime) -> pa.Table:
+    """Rows of the codes table for ``fetched`` and their packed codes (N, bits/8) uint8, in order."""
+    codes = as_code_matrix(codes, card.bits // 8) if len(fetched) else np.zeros((0, card.bits // 8), np.uint8)
+    if codes.shape[0] != len(fetched):
+        raise ValueError(f"{len(fetched)} objects but {codes.shape[0]} codes")
+    return pa.Table.from_pylist(
+        [{"bucket": f.ref.bucket, "key": f.ref.key, "etag": f.info.etag, "version_id": f.info.version_id,
+          "size": f.info.size, "last_modified": f.info.last_modified,
+          "mtime_ns": version_order(f.ref, f.info.last_modified), "code": code.tobytes(), "model": card.version,
+          "encoded_at": encoded_at, "labels": labels_of(f), "batch_id": batch_id}
+         for f, code in zip(fetched, codes)], schema=CODES_SCHEMA)
 
 
-def write_failures(store: ObjectStore, bucket: str, model_version: str, batch_id: str,
-                   failures: Sequence[Failure], failed_at: datetime) -> str:
-    """Write failures/<model_version>/<batch_id>.parquet (one row per refused object); return its key."""
-    rows = [{"key": f.ref.key, "bucket": f.ref.bucket, "etag": f.etag or None, "reason": f.reason,
-             "detail": f.detail[:2000], "model": model_version, "failed_at": failed_at} for f in failures]
-    table = pa.Table.from_pylist(rows, schema=shards.FAILURES_SCHEMA)
-    key = shards.failures_path(model_version, batch_id)
-    store.put(bucket, key, shards.to_parquet_bytes(table), content_type=PARQUET)
-    return key
+def failures_table(failures: Sequence[Failure], model_version: str, batch_id: str, failed_at: datetime) -> pa.Table:
+    """Rows of the failures table, one per refused object (details cut at 2,000 characters)."""
+    return pa.Table.from_pylist(
+        [{"bucket": f.ref.bucket, "key": f.ref.key, "etag": f.etag or None, "version_id": f.ref.version_id,
+          "mtime_ns": version_order(f.ref, None), "reason": f.reason, "detail": f.detail[:2000],
+          "model": model_version, "failed_at": failed_at, "batch_id": batch_id} for f in failures],
+        schema=FAILURES_SCHEMA)
 
 
-def write_tombstones(store: ObjectStore, bucket: str, batch: Batch, received_at: datetime) -> str:
-    """Write tombstones/<batch_id>.parquet; deleted_at is each event's time (``received_at`` when the
-    event carried none). Return its key."""
-    rows = [{"key": o.key, "bucket": o.bucket,
-             "deleted_at": parse_event_time(o.event_time) if o.event_time else received_at}
-            for o in batch.objects]
-    table = pa.Table.from_pylist(rows, schema=shards.TOMBSTONES_SCHEMA)
-    key = shards.tombstones_path(batch.batch_id)
-    store.put(bucket, key, shards.to_parquet_bytes(table), content_type=PARQUET)
-    return key
+def deletes_table(batch: Batch, received_at: datetime) -> pa.Table:
+    """Rows of the deletes table for a delete batch: each event's order (sequencer or time), else the
+    moment the batch was received. A delete carries an etag only from the reconciler (the version it
+    saw vanish, with that version's order)."""
+    return pa.Table.from_pylist(
+        [{"bucket": o.bucket, "key": o.key, "version_id": o.version_id, "etag": o.etag or None,
+          "mtime_ns": o.mtime_ns if o.mtime_ns is not None else
+          epoch_ns(parse_event_time(o.event_time) if o.event_time else received_at),
+          "deleted_at": parse_event_time(o.event_time) if o.event_time else received_at,
+          "batch_id": batch.batch_id} for o in batch.objects], schema=DELETES_SCHEMA)
 
 
 def parse_event_time(text: str) -> datetime:

@@ -17,10 +17,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from urllib.parse import quote_plus, unquote_plus
 
+from hashlake.lake.schema import epoch_ns
 from workers.messages import ObjectRef
 
 CREATED_PREFIX = "s3:ObjectCreated:"  # Put, Post, Copy, CompleteMultipartUpload, ...
 REMOVED_PREFIX = "s3:ObjectRemoved:"  # Delete, DeleteMarkerCreated, ...
+# In a versioned bucket a DELETE without a version id adds a marker: the key is gone, its versions stay.
+# A Delete event with a versionId removed that one version only.
+DELETE_MARKER_CREATED = "s3:ObjectRemoved:DeleteMarkerCreated"
 
 
 class MalformedEvent(ValueError):
@@ -134,7 +138,29 @@ def parse_record(record: object) -> ObjectEvent | None:
     size = _field(record, ("s3", "object", "size"), int, required=False)
     if size is not None and size < 0:
         raise MalformedEvent(f"s3.object.size must be >= 0, got {size}")
-    return ObjectEvent(kind, ObjectRef(bucket=bucket, key=key, etag=etag.strip('"'), size=size, event_time=event_time))
+    version_id = _field(record, ("s3", "object", "versionId"), str, required=False) or None
+    if version_id == "null":  # S3's name for the version of an unversioned bucket's object
+        version_id = None
+    if name == DELETE_MARKER_CREATED:
+        version_id = None  # the marker's own id: the key is deleted, every older version hidden
+    ref = ObjectRef(bucket=bucket, key=key, etag=etag.strip('"'), size=size, event_time=event_time,
+                    mtime_ns=_order_ns(record, event_time), version_id=version_id)
+    return ObjectEvent(kind, ref)
+
+
+def _order_ns(record: dict, event_time: str) -> int:
+    """The event's place among the key's versions, in ns: MinIO's ``sequencer`` (hex nanoseconds,
+    increasing per key), else ``eventTime`` (milliseconds)."""
+    sequencer = _field(record, ("s3", "object", "sequencer"), str, required=False)
+    if sequencer:
+        try:
+            return int(sequencer, 16)
+        except ValueError:
+            raise MalformedEvent(f"s3.object.sequencer {sequencer[:40]!r} is not hexadecimal") from None
+    moment = datetime.fromisoformat(event_time.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return epoch_ns(moment)
 
 
 def _field(record: dict, path: tuple[str, ...], kind: type, *, required: bool = True):
@@ -169,11 +195,14 @@ def _type(value: object) -> str:
 
 # -- what MinIO sends, for callers that stand in for a MinIO server (tests, the ingest benchmark) --
 def minio_record(event_name: str, bucket: str, key: str, *, etag: str | None = None, size: int | None = None,
-                 event_time: datetime | None = None) -> dict:
+                 event_time: datetime | None = None, version_id: str | None = None,
+                 sequencer_ns: int | None = None) -> dict:
     """One S3-compatible record as MinIO writes it: the key query-escaped (``/`` → ``%2F``, space → ``+``);
-    ``eTag`` and ``size`` only for created objects."""
+    ``eTag`` and ``size`` only for created objects; the sequencer from ``sequencer_ns``, else the time."""
     when = (event_time or datetime.now(timezone.utc)).astimezone(timezone.utc)
-    obj: dict = {"key": quote_plus(key), "sequencer": f"{int(when.timestamp() * 1e9):X}"}
+    obj: dict = {"key": quote_plus(key), "sequencer": f"{sequencer_ns or epoch_ns(when):X}"}
+    if version_id is not None:
+        obj["versionId"] = version_id
     if etag is not None:
         obj.update({"eTag": etag, "size": size or 0, "contentType": "image/jpeg"})
     return {"eventVersion": "2.0", "eventSource": "minio:s3", "awsRegion": "",

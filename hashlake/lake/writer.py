@@ -1,0 +1,177 @@
+"""The encode side's face of the lake: what a model version already holds, and one transaction per batch.
+
+A batch commits its codes and its failures in one DuckLake transaction: readers see all of a batch or
+none of it. Commits of at most ``Settings.lake_inline_rows`` rows are inlined in the catalog (no
+Parquet file per batch); compaction writes them out later (``maintenance.py``).
+
+Idempotence: the encode runner asks ``known`` before reading anything and skips the image versions a
+model version already holds (a duplicate event, a retried or redelivered batch cost no read and no
+forward), and the commit inserts only rows that are not there yet, so a batch committed twice leaves
+one row per (bucket, key, etag, model).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable
+
+import duckdb
+import pyarrow as pa
+
+from hashlake.config import Settings
+from hashlake.lake.catalog_db import CatalogUnavailable
+from hashlake.lake.connection import open_lake
+from hashlake.lake.schema import CODES_SCHEMA, DELETES_SCHEMA, FAILURES_SCHEMA, LAKE
+
+log = logging.getLogger(__name__)
+
+
+class LakeUnavailable(RuntimeError):
+    """The catalog or the data files could not be reached: transient, retry the batch later."""
+
+
+_VERSIONS_SCHEMA = pa.schema([("bucket", pa.string()), ("key", pa.string()), ("etag", pa.string()),
+                              ("mtime_ns", pa.int64())])
+
+
+def same_version_or_newer(held: str, new: str) -> str:
+    """SQL condition: the row ``held`` is of the image version ``new`` names, or of a newer upload of the
+    same bytes. Orders from a listing have millisecond precision and the same version's event sequencer
+    nanoseconds, so the new order is compared at its millisecond; an upload of identical bytes after a
+    delete (same etag, later order) is a new version and is encoded again."""
+    return (f"{held}.bucket = {new}.bucket AND {held}.key = {new}.key AND {held}.etag IS NOT DISTINCT FROM {new}.etag "
+            f"AND ({new}.mtime_ns IS NULL OR {held}.mtime_ns >= {new}.mtime_ns - {new}.mtime_ns % 1000000)")
+
+
+class LakeWriter:
+    """One per process (a DuckDB connection is used by one thread at a time: calls are serialized)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._lock = threading.Lock()
+
+    def known(self, model_version: str, versions: Iterable) -> set[tuple[str, str, str]]:
+        """The (bucket, key, etag) among ``versions`` (objects with bucket, key, etag, mtime_ns attributes)
+        whose image version already has a code or a failure under ``model_version``."""
+        refs = pa.Table.from_pylist([{"bucket": v.bucket, "key": v.key, "etag": v.etag, "mtime_ns": v.mtime_ns}
+                                     for v in versions], schema=_VERSIONS_SCHEMA)
+        if not refs.num_rows:
+            return set()
+        query = " UNION ".join(f"""
+            SELECT n.bucket, n.key, n.etag FROM _hashlake_refs AS n
+            WHERE EXISTS (SELECT 1 FROM {LAKE}.{table} AS o
+                          WHERE o.model = $model AND {same_version_or_newer('o', 'n')})""" for table in ("codes", "failures"))
+        with self._session() as con:
+            con.register("_hashlake_refs", refs)
+            try:
+                return {tuple(r) for r in con.execute(query, {"model": model_version}).fetchall()}
+            finally:
+                con.unregister("_hashlake_refs")
+
+    def commit(self, codes: pa.Table | None, failures: pa.Table | None) -> None:
+        """Insert a batch's codes and failures (tables of CODES_SCHEMA / FAILURES_SCHEMA) in one transaction,
+        skipping rows whose image version the model version already holds."""
+        parts = [(name, table.cast(schema)) for name, table, schema in
+                 (("codes", codes, CODES_SCHEMA), ("failures", failures, FAILURES_SCHEMA))
+                 if table is not None and table.num_rows]
+        if not parts:
+            return
+        with self._session() as con:
+            for name, table in parts:
+                con.register(f"_hashlake_new_{name}", table)
+            try:
+                con.execute("BEGIN")
+                for name, _ in parts:
+                    con.execute(f"""
+                        INSERT INTO {LAKE}.{name} SELECT n.* FROM _hashlake_new_{name} AS n
+                        WHERE NOT EXISTS (SELECT 1 FROM {LAKE}.{name} AS o
+                                          WHERE o.model = n.model AND {same_version_or_newer('o', 'n')})""")
+                con.execute("COMMIT")
+            except BaseException:
+                _rollback(con)
+                raise
+            finally:
+                for name, _ in parts:
+                    con.unregister(f"_hashlake_new_{name}")
+
+    def commit_deletes(self, deletes: pa.Table) -> None:
+        """Insert delete rows (DELETES_SCHEMA) in one transaction. A repeated delete changes nothing that
+        the first did not, so duplicates are harmless and not checked."""
+        if not deletes.num_rows:
+            return
+        with self._session() as con:
+            con.register("_hashlake_new_deletes", deletes.cast(DELETES_SCHEMA))
+            try:
+                con.execute(f"INSERT INTO {LAKE}.deletes SELECT * FROM _hashlake_new_deletes")
+            finally:
+                con.unregister("_hashlake_new_deletes")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._con is not None:
+                self._con.close()
+                self._con = None
+
+    def _session(self):
+        return _Session(self)
+
+
+_SHARED: dict[tuple, LakeWriter] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_writer(settings: Settings) -> LakeWriter:
+    """The process's writer for the lake ``settings`` name (one connection per process and lake; keyed by
+    pid too, since a connection made before a fork must not be used by the child)."""
+    ident = (os.getpid(), settings.pg_host, settings.pg_port, settings.pg_database, settings.lake_path)
+    with _SHARED_LOCK:
+        if ident not in _SHARED:
+            _SHARED[ident] = LakeWriter(settings)
+        return _SHARED[ident]
+
+
+class _Session:
+    """Serializes use of the writer's connection and turns connection trouble into ``LakeUnavailable``
+    (after which the connection is reopened on next use: it may be broken)."""
+
+    def __init__(self, writer: LakeWriter):
+        self.writer = writer
+
+    def __enter__(self) -> duckdb.DuckDBPyConnection:
+        self.writer._lock.acquire()
+        try:
+            if self.writer._con is None:
+                self.writer._con = open_lake(self.writer.settings)
+            return self.writer._con
+        except CatalogUnavailable as exc:
+            self.writer._lock.release()
+            raise LakeUnavailable(str(exc)) from None
+        except duckdb.Error as exc:
+            self.writer._lock.release()
+            raise LakeUnavailable(f"cannot open the lake: {exc}") from None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        try:
+            if exc is not None and _transient(exc):
+                con, self.writer._con = self.writer._con, None
+                if con is not None:
+                    con.close()
+                raise LakeUnavailable(f"the lake did not answer ({kind.__name__}): {str(exc).strip()[:500]}") from exc
+            return False
+        finally:
+            self.writer._lock.release()
+
+
+def _transient(exc: BaseException) -> bool:
+    # IO: the data files' store; Connection/Transaction: the catalog, or a commit that kept conflicting.
+    return isinstance(exc, (duckdb.IOException, duckdb.ConnectionException, duckdb.TransactionException,
+                            duckdb.HTTPException))
+
+
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:
+        pass  # no transaction open (BEGIN failed), or the connection is gone
