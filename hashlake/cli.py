@@ -21,8 +21,10 @@ app = typer.Typer(help="hashlake: deep-hashing image retrieval over object stora
                   no_args_is_help=True, pretty_exceptions_enable=False)
 stack_app = typer.Typer(help="Start, stop and inspect the local stack.", no_args_is_help=True)
 model_app = typer.Typer(help="Model versions in the catalog.", no_args_is_help=True)
+lake_app = typer.Typer(help="The lake: DuckLake tables of codes, failures and deletes.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(model_app, name="model")
+app.add_typer(lake_app, name="lake")
 console = Console()
 
 
@@ -95,6 +97,30 @@ def reconcile() -> None:
     console.print(summary)
     if not summary.batcher_alive:
         console.print("[yellow]no intake is running: the queued work is sent once `hashlake intake` runs[/]")
+
+
+# --- lake -----------------------------------------------------------------------------------------
+@lake_app.command("init")
+def lake_init() -> None:
+    """Create the catalog database, its read-only query role and the lake's tables (idempotent)."""
+    from hashlake.lake import init_lake
+
+    settings = load_settings()
+    init_lake(settings)
+    console.print(f"lake ready: catalog postgresql://{settings.pg_host}:{settings.pg_port}/{settings.pg_database}, "
+                  f"files under {settings.lake_path}")
+
+
+@lake_app.command("compact")
+def lake_compact() -> None:
+    """Flush inlined rows, merge small files, expire old snapshots, delete unreferenced files."""
+    from hashlake.lake.maintenance import compact
+
+    summary = compact(load_settings())
+    for table in summary.files_before:
+        console.print(f"{table:<9} files {summary.files_before[table]:>6} -> {summary.files_after[table]:>6}")
+    console.print(f"inlined rows flushed {summary.inlined_rows_flushed}, snapshots expired "
+                  f"{summary.snapshots_expired}, files deleted {summary.files_deleted}, {summary.seconds} s")
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -197,12 +223,12 @@ def upload(source: Annotated[Path, typer.Argument(help="a CIFAR-style .parquet o
 
 
 @app.command()
-def sql(query: str, local: Annotated[Optional[Path], typer.Option(help="read shards from this folder")] = None) -> None:
-    """Run a SQL query over the index (views codes, failures; search(), within(), search_rows(), within_rows(),
-    hamming(), hash_image())."""
+def sql(query: str) -> None:
+    """Run a SQL query over the lake (views codes, failures, failure_history, deletes; the lake's tables as
+    lake.codes, ...; search(), within(), search_rows(), within_rows(), hamming(), hash_image())."""
     from hashlake.sql import connect
 
-    con = connect(load_settings(), local_dir=local)
+    con = connect(load_settings())
     with query_errors():
         result = con.sql(query)
         if result is None:
@@ -211,14 +237,13 @@ def sql(query: str, local: Annotated[Optional[Path], typer.Option(help="read sha
 
 
 @app.command()
-def search(image: Path, k: Annotated[int, typer.Option("-k", help="how many neighbours")] = 10,
-           local: Annotated[Optional[Path], typer.Option(help="read shards from this folder")] = None) -> None:
+def search(image: Path, k: Annotated[int, typer.Option("-k", help="how many neighbours")] = 10) -> None:
     """Print the K nearest indexed images to IMAGE by Hamming distance."""
     from hashlake.sql import connect
 
     if not image.is_file():
         raise typer.BadParameter(f"{image} is not a file")
-    con = connect(load_settings(), local_dir=local)
+    con = connect(load_settings())
     with query_errors():
         rel = con.execute(
             "SELECT key, distance, labels FROM search_rows(hash_image(?), ?)", [str(image.resolve()), k])

@@ -70,7 +70,7 @@ def _demo(settings: Settings, dataset: Path, limit: int, console: Console) -> No
 
 def _wait_indexed(con, expected: set[tuple[str, str, str]], console: Console) -> tuple[int, int]:
     """Poll the ``codes`` and ``failures`` views until every uploaded version is in one of them
-    (``refresh`` moves the connection onto the shards written since the last poll)."""
+    (``refresh`` moves the connection onto what the lake committed since the last poll)."""
     deadline = time.monotonic() + INDEX_TIMEOUT_S
     columns = (TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:

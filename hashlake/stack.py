@@ -3,11 +3,14 @@
     <stack_dir>/stack.json    what runs: name, pid, port, log of every process
     <stack_dir>/stack.toml    the settings every process (and every later CLI call) reads
     <stack_dir>/logs/*.log    one log per process
-    <stack_dir>/data/         redis append-only file, Prometheus data
+    <stack_dir>/data/         redis append-only file, the lake catalog's PostgreSQL cluster, Prometheus data
 
-Order: redis-server and the S3 server (moto_server: MinIO cannot be installed here, and nothing
-in the code depends on which S3 server answers), buckets and an initial model version, the
-intake, N Celery workers, Prometheus. Each start waits for a health check.
+Order: redis-server, the S3 server (moto_server: MinIO cannot be installed here, and nothing in the
+code depends on which S3 server answers) and PostgreSQL (the lake's catalog, with its read-only query
+role), buckets, the lake's tables and an initial model version, the intake (which also compacts the
+lake every ``lake_compact_interval_s``), N Celery workers, Prometheus. Each start waits for a health
+check. moto_server keeps its objects in memory, so each ``up`` starts with an empty bucket, and the
+catalog is made anew with it (a catalog that names files the S3 server no longer has is no lake).
 """
 from __future__ import annotations
 
@@ -24,10 +27,14 @@ from pathlib import Path
 
 from hashlake.config import Settings
 from hashlake.services import (ServiceError, Service, find_executable, free_port, port_open, spawn,
-                               start_moto, start_redis, wait_ready)
+                               start_moto, start_postgres, start_redis, wait_ready)
 
 STATE_FILE = "stack.json"
 CONFIG_FILE = "stack.toml"
+# The catalog's roles in the local stack (the query role's password is Settings' default): local-only
+# secrets, like the S3 keys below; a deployment sets its own through HASHLAKE_PG_PASSWORD.
+LOCAL_PG_USER = "hashlake"
+LOCAL_PG_PASSWORD = "hashlake-local"
 
 
 @dataclass
@@ -112,6 +119,10 @@ def up(settings: Settings, options: StackOptions = StackOptions(), log=print) ->
     try:
         keep(start_redis(free_port(), root / "data", root / "logs" / "redis.log"))
         keep(start_moto(free_port(), root / "data", root / "logs" / "s3.log"))
+        catalog_dir = root / "data" / "postgres"
+        shutil.rmtree(catalog_dir, ignore_errors=True)  # the S3 server's objects are gone: so is the lake
+        keep(start_postgres(free_port(), catalog_dir, superuser=LOCAL_PG_USER, password=LOCAL_PG_PASSWORD,
+                            log=root / "logs" / "postgres.log"))
         gpus, workers, processes = worker_layout(options)
         threads = options.torch_threads or max(1, (os.cpu_count() or 1) // (workers * processes))
         values = {
@@ -120,6 +131,9 @@ def up(settings: Settings, options: StackOptions = StackOptions(), log=print) ->
             "s3_secret_key": "hashlake-local-secret",
             "webhook_token": secrets.token_urlsafe(24),
             "redis_url": f"redis://127.0.0.1:{started[0].port}/0",
+            "pg_port": started[2].port,
+            "pg_user": LOCAL_PG_USER,
+            "pg_password": LOCAL_PG_PASSWORD,
             "webhook_port": free_port(),
             "metrics_port": free_port(),
             "reconcile_interval_s": options.reconcile_interval_s,
@@ -170,12 +184,16 @@ def load_stack_settings(config_path: Path) -> Settings:
 
 def _prepare_store(settings: Settings, log) -> None:
     from hashlake.catalog import Catalog, ModelNotFound
+    from hashlake.lake import init_lake
     from hashlake.models import init_model
     from hashlake.store import ObjectStore
 
     store = ObjectStore(settings)
     store.ensure_bucket(settings.images_bucket)
     store.ensure_bucket(settings.index_bucket)
+    init_lake(settings)
+    log(f"  lake       postgresql://{settings.pg_host}:{settings.pg_port}/{settings.pg_database}, "
+        f"files under {settings.lake_path}")
     try:
         log(f"  model      {Catalog(store, settings).active()} (active)")
     except ModelNotFound:

@@ -9,3 +9,12 @@ the index bucket), read and written through DuckDB.
     writer.py      one transaction per encode batch or delete batch; what a version already holds
     maintenance.py compaction: flush inlined rows, merge small files, expire snapshots, delete old files
 """
+
+
+def init_lake(settings) -> None:
+    """Create the catalog database, its query role and the lake's tables when missing (idempotent)."""
+    from hashlake.lake.catalog_db import ensure_catalog
+    from hashlake.lake.connection import open_lake
+
+    ensure_catalog(settings)
+    open_lake(settings).close()

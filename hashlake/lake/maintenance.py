@@ -14,12 +14,18 @@ retried by DuckLake, and what a step leaves undone the next run does.
 """
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from dataclasses import dataclass
+
+import duckdb
 
 from hashlake.config import Settings
 from hashlake.lake.connection import open_lake
 from hashlake.lake.schema import LAKE, TABLES
+
+log = logging.getLogger(__name__)
 
 FILE_GRACE_S = 600  # longer than any query over the lake's files is expected to run
 
@@ -60,3 +66,17 @@ def compact(settings: Settings) -> CompactSummary:
 def _file_counts(con) -> dict[str, int]:
     return {name: con.execute(f"SELECT count(*) FROM ducklake_list_files('{LAKE}', '{name}')").fetchone()[0]
             for name in TABLES}
+
+
+def compact_periodically(settings: Settings, stop: threading.Event) -> None:
+    """Compact every ``Settings.lake_compact_interval_s`` until ``stop`` (the intake runs it); a failed run
+    is logged and the next one comes on schedule."""
+    from hashlake.lake.catalog_db import CatalogUnavailable
+
+    while not stop.wait(settings.lake_compact_interval_s):
+        try:
+            summary = compact(settings)
+            log.info("lake compacted: %s", summary)
+        except (duckdb.Error, CatalogUnavailable) as exc:
+            log.error("lake compaction failed (%s: %s); next in %.0f s", exc.__class__.__name__,
+                      str(exc).strip()[:300], settings.lake_compact_interval_s)

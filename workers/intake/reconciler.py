@@ -183,7 +183,7 @@ class Reconciler:
                            AND {same_version_or_newer('o', 'l')}) AS indexed,
                    EXISTS (SELECT 1 FROM {LAKE}.failures AS o WHERE o.model = $model
                            AND {same_version_or_newer('o', 'l')}) AS failed
-            FROM listing AS l""", params)
+            FROM listing AS l""", {"model": version})
         indexed, failed, missing = con.execute(
             "SELECT count(*) FILTER (indexed), count(*) FILTER (failed AND NOT indexed), "
             "count(*) FILTER (NOT indexed AND NOT failed) FROM compared").fetchone()

@@ -1,6 +1,7 @@
-"""The long-running intake process: webhook server, Redis-list consumer, batcher and periodic reconciler.
+"""The long-running intake process: webhook server, Redis-list consumer, batcher, periodic reconciler and
+lake compaction.
 
-Four threads in one process around one Redis client pool; the main thread waits for a stop signal
+Five threads in one process around one Redis client pool; the main thread waits for a stop signal
 (SIGTERM/SIGINT, or ``stop`` set by a caller) or for a component that died, then stops them all: the
 batcher sends its open batches, the webhook finishes its requests. A component that dies makes
 ``run_intake`` raise, so a supervisor (compose, systemd, ``hashlake stack``) restarts the process.
@@ -18,6 +19,7 @@ import uvicorn
 from prometheus_client import REGISTRY, start_http_server
 
 from hashlake.config import Settings
+from hashlake.lake.maintenance import compact_periodically
 from hashlake.store import ObjectStore
 from workers.intake.batcher import Batcher
 from workers.intake.metrics import ListLengthCollector
@@ -71,6 +73,7 @@ def run_intake(settings: Settings, *, stop: threading.Event | None = None, metri
             "batcher": lambda: batcher.run(stop),
             "redis consumer": lambda: consumer.run(stop),
             "reconciler": lambda: run_periodic(reconciler, settings.reconcile_interval_s, stop),
+            "compactor": lambda: compact_periodically(settings, stop),
         }
         threads = {name: threading.Thread(target=_logged(name, target), name=f"intake-{name}", daemon=True)
                    for name, target in components.items()}
