@@ -132,3 +132,14 @@ def cli_env(settings: Settings) -> dict[str, str]:
             "HASHLAKE_PG_DATABASE": settings.pg_database,
             "HASHLAKE_PG_USER": settings.pg_user,
             "HASHLAKE_PG_PASSWORD": settings.pg_password.get_secret_value()}
+
+
+def lake_rows(settings: Settings, table: str, where: str = "") -> list[dict]:
+    """Every row of the lake's ``table`` (codes, failures, deletes), read through a fresh connection."""
+    from hashlake.lake.connection import open_lake
+
+    con = open_lake(settings)
+    try:
+        return con.execute(f"SELECT * FROM lake.{table} {where}").to_arrow_table().to_pylist()
+    finally:
+        con.close()

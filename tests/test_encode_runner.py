@@ -1,7 +1,8 @@
-"""encode_batch end to end in-process, against real moto S3 and the real lsh_effnetlite0_64 model at 64 px:
-codes match the model's own encode, bad input becomes failure rows (with the etag read), retries replace
-their shards (a failures shard a rerun no longer needs is removed), a missing model and a dead store are
-errors to retry, never failure rows; a batch that kills its worker is split, and an object alone recorded."""
+"""encode_batch end to end in-process, against real moto S3, the real lake (PostgreSQL catalog) and the real
+lsh_effnetlite0_64 model at 64 px: codes match the model's own encode, bad input becomes failure rows,
+retried and duplicated batches add nothing (and read nothing), an object overwritten since its event is
+left to its newer version, a missing model and a dead store are errors to retry, never failure rows; a
+batch that kills its worker is split, and an object alone recorded."""
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +13,6 @@ import pytest
 from PIL import Image
 
 from hashing_models.preprocess import prepare_images
-from hashlake import shards
 from hashlake.catalog import Catalog, ModelNotFound
 from hashlake.config import Settings
 from hashlake.models import init_model
@@ -22,6 +22,8 @@ from workers.encode.model import ModelHandle
 from workers.deliveries import History
 from workers.encode.runner import encode_batch, record_crashed, split_batch, tombstone_batch
 from workers.messages import Batch, ObjectRef
+
+from conftest import lake_rows
 
 IMG_SIZE = 64  # px: the real model, small enough for a 2-core CI
 
@@ -39,10 +41,6 @@ def upload(store, bucket, items) -> list[ObjectRef]:
     return refs
 
 
-def read_table(store, bucket, key):
-    return shards.read_parquet_bytes(store.get(bucket, key)[0])
-
-
 def test_codes_match_the_model_and_bad_input_is_recorded(settings, store, model_card, cifar_jpegs):
     good = [(f"cifar/{i}.jpg", body, f"{label},cifar") for i, (_, label, body) in enumerate(cifar_jpegs[:12])]
     png = io.BytesIO()
@@ -58,14 +56,13 @@ def test_codes_match_the_model_and_bad_input_is_recorded(settings, store, model_
     assert result.encoded == 12 and result.model_version == model_card.version
     assert result.failures_by_reason == {"not_an_image": 1, "empty": 1, "truncated": 1, "too_many_pixels": 1,
                                          "missing": 1}
-    assert result.codes_key == shards.codes_path(model_card.version, batch.batch_id)
     assert min(result.read_s, result.infer_s, result.write_s) > 0
 
-    table = read_table(store, settings.index_bucket, result.codes_key)
-    rows = {r["key"]: r for r in table.to_pylist()}
+    rows = {r["key"]: r for r in lake_rows(settings, "codes")}
     assert sorted(rows) == sorted(k for k, _, _ in good)
     assert rows["cifar/3.jpg"]["labels"] == [str(cifar_jpegs[3][1]), "cifar"]
     assert rows["cifar/3.jpg"]["etag"] == refs[3].etag
+    assert {r["batch_id"] for r in rows.values()} == {batch.batch_id}
 
     # Reference: the model's own encode on the same decoded images (CIFAR JPEGs carry no EXIF).
     model = handle.current().model
@@ -74,29 +71,43 @@ def test_codes_match_the_model_and_bad_input_is_recorded(settings, store, model_
     got = np.stack([np.frombuffer(rows[k]["code"], np.uint8) for k, _, _ in good])
     np.testing.assert_array_equal(got, expected)
 
-    failures = read_table(store, settings.index_bucket, result.failures_key).to_pylist()
+    failures = lake_rows(settings, "failures")
     assert {f["key"]: f["reason"] for f in failures} == {
         "bad/notes.txt": "not_an_image", "bad/empty.jpg": "empty", "bad/truncated.jpg": "truncated",
         "bad/bomb.png": "too_many_pixels", "bad/vanished.jpg": "missing"}
     assert all(f["model"] == model_card.version and f["failed_at"] for f in failures)
 
 
-def test_retry_and_duplicate_batches_replace_their_shard(settings, store, model_card, cifar_jpegs):
+def test_retried_and_duplicated_batches_leave_one_row_and_read_nothing(settings, store, model_card, cifar_jpegs):
     refs = upload(store, settings.images_bucket, [(f"k{i}.jpg", b, "") for i, (_, _, b) in enumerate(cifar_jpegs[:4])])
     handle = ModelHandle(settings, store)
     first = encode_batch(Batch("encode", tuple(refs)), settings, handle, store=store)
+    assert (first.encoded, first.known) == (4, 0)
     again = encode_batch(Batch("encode", tuple(reversed(refs)) + (refs[0],)), settings, handle, store=store)
-    assert again.codes_key == first.codes_key and again.encoded == 4
-    keys = [o.key for o in store.list(settings.index_bucket, shards.CODES_PREFIX)]
-    assert keys == [first.codes_key]
-    assert read_table(store, settings.index_bucket, first.codes_key).num_rows == 4
+    assert (again.encoded, again.known, again.read_s) == (0, 4, 0.0)  # nothing read, nothing forwarded
+    overlapping = encode_batch(Batch("encode", tuple(refs[2:])), settings, handle, store=store)  # another batch id
+    assert (overlapping.encoded, overlapping.known) == (0, 2)
+    rows = lake_rows(settings, "codes")
+    assert sorted(r["key"] for r in rows) == [f"k{i}.jpg" for i in range(4)]
+
+
+def test_an_upload_of_the_same_bytes_after_a_delete_is_a_new_version(settings, store, model_card, cifar_jpegs):
+    [ref] = upload(store, settings.images_bucket, [("again.jpg", cifar_jpegs[0][2], "")])
+    handle = ModelHandle(settings, store)
+    first = ObjectRef(ref.bucket, ref.key, ref.etag, mtime_ns=1_000_000_000)
+    assert encode_batch(Batch("encode", (first,)), settings, handle, store=store).encoded == 1
+    tombstone_batch(Batch("delete", (ObjectRef(ref.bucket, ref.key, mtime_ns=1_500_000_000),)), settings)
+    later = ObjectRef(ref.bucket, ref.key, ref.etag, mtime_ns=1_700_000_000)  # identical bytes: same etag
+    result = encode_batch(Batch("encode", (later,)), settings, handle, store=store)
+    assert (result.encoded, result.known) == (1, 0)
+    assert sorted(r["mtime_ns"] for r in lake_rows(settings, "codes")) == [1_000_000_000, 1_700_000_000]
 
 
 def test_missing_model_is_a_clear_error(settings, store, cifar_jpegs):
     refs = upload(store, settings.images_bucket, [("a.jpg", cifar_jpegs[0][2], "")])
     with pytest.raises(ModelNotFound, match="no active model.*hashlake model init"):
         encode_batch(Batch("encode", tuple(refs)), settings, ModelHandle(settings, store), store=store)
-    assert list(store.list(settings.index_bucket, shards.CODES_PREFIX)) == []
+    assert lake_rows(settings, "codes") == []
 
 
 def test_dead_store_is_transient_not_a_failure(settings, store, model_card, tmp_path):
@@ -106,7 +117,7 @@ def test_dead_store_is_transient_not_a_failure(settings, store, model_card, tmp_
     batch = Batch("encode", (ObjectRef(settings.images_bucket, "a.jpg", "e"),))
     with pytest.raises(StoreUnavailable):
         encode_batch(batch, settings, handle, store=dead)
-    assert list(store.list(settings.index_bucket, shards.FAILURES_PREFIX)) == []
+    assert lake_rows(settings, "failures") == []
 
 
 def test_handle_follows_the_active_pointer(settings, store, model_card):
@@ -129,11 +140,10 @@ def test_a_batch_naming_a_version_is_encoded_with_it_beside_the_active_one(setti
     handle = ModelHandle(settings, store, check_interval_s=0.0)
     result = encode_batch(Batch("encode", tuple(refs), model_version=staged.version), settings, handle, store=store)
     assert result.model_version == staged.version
-    assert result.codes_key == shards.codes_path(staged.version, Batch("encode", tuple(refs)).batch_id)
     loaded = handle.current(staged.version)
     images = [Image.open(io.BytesIO(body)).convert("RGB") for _, body, _ in good]
     expected = loaded.model.encode(prepare_images(images, loaded.model.input_config))
-    rows = {r["key"]: r["code"] for r in read_table(store, settings.index_bucket, result.codes_key).to_pylist()}
+    rows = {r["key"]: r["code"] for r in lake_rows(settings, "codes", f"WHERE model = '{staged.version}'")}
     np.testing.assert_array_equal(np.stack([np.frombuffer(rows[k], np.uint8) for k, _, _ in good]), expected)
     # The followed version is still the active one; once the pointer moves, the staged model is reused.
     assert handle.current().version == model_card.version
@@ -155,9 +165,12 @@ def test_batch_messages_carry_their_model_version():
 
 
 def test_tombstone_batch(settings, store):
-    batch = Batch("delete", (ObjectRef(settings.images_bucket, "gone.jpg", event_time="2026-11-22T10:00:00Z"),))
-    key = tombstone_batch(batch, settings, store)
-    assert read_table(store, settings.index_bucket, key).to_pylist()[0]["key"] == "gone.jpg"
+    batch = Batch("delete", (ObjectRef(settings.images_bucket, "gone.jpg", event_time="2026-11-22T10:00:00.250Z"),
+                             ObjectRef(settings.images_bucket, "old.jpg", mtime_ns=7, version_id="v3")))
+    assert tombstone_batch(batch, settings) == 2
+    rows = {r["key"]: r for r in lake_rows(settings, "deletes")}
+    assert rows["gone.jpg"]["mtime_ns"] == 1_795_341_600_250_000_000 and rows["gone.jpg"]["version_id"] is None
+    assert (rows["old.jpg"]["mtime_ns"], rows["old.jpg"]["version_id"]) == (7, "v3")
     with pytest.raises(ValueError, match="deletes go to tombstone_batch"):
         encode_batch(batch, settings, ModelHandle(settings, store), store=store)
 
@@ -169,20 +182,26 @@ def test_init_model_publishes_an_honest_card_and_activates_it(settings, store, m
     assert "pretrained" in model_card.description and "fixed random" in model_card.description
 
 
-def test_failure_rows_carry_the_etag_of_the_bytes_read(settings, store, model_card, cifar_jpegs):
-    # The event announced an older version; the store now serves another: the failure row names what was read.
+def test_an_object_overwritten_since_its_event_is_left_to_its_newer_version(settings, store, model_card, cifar_jpegs):
+    # The events announced older versions; the store now serves others: those are encoded (or refused)
+    # when their own events come, with their own order, so nothing is written for the announced ones.
     announced = "0" * 32
     current = {key: store.put(settings.images_bucket, key, body) for key, body in
-               [("bad/notes.txt", b"plain text"), ("bad/empty.jpg", b""), ("bad/cut.jpg", cifar_jpegs[0][2][:300])]}
+               [("ok.jpg", cifar_jpegs[0][2]), ("bad/notes.txt", b"plain text"), ("bad/cut.jpg", cifar_jpegs[0][2][:300])]}
     refs = tuple(ObjectRef(settings.images_bucket, key, announced) for key in current)
     vanished = ObjectRef(settings.images_bucket, "bad/vanished.jpg", announced)
-    result = encode_batch(Batch("encode", refs + (vanished,)), settings, ModelHandle(settings, store), store=store)
-    failures = {f["key"]: f["etag"] for f in read_table(store, settings.index_bucket, result.failures_key).to_pylist()}
-    assert failures == {**current, "bad/vanished.jpg": announced}  # nothing was read of the vanished one
+    handle = ModelHandle(settings, store)
+    result = encode_batch(Batch("encode", refs + (vanished,)), settings, handle, store=store)
+    assert (result.encoded, result.superseded, result.failures_by_reason) == (0, 3, {"missing": 1})
+    assert [(f["key"], f["etag"]) for f in lake_rows(settings, "failures")] == [("bad/vanished.jpg", announced)]
+    newer = tuple(ObjectRef(settings.images_bucket, key, etag) for key, etag in current.items())
+    result = encode_batch(Batch("encode", newer), settings, handle, store=store)
+    assert (result.encoded, result.failures_by_reason) == (1, {"not_an_image": 1, "truncated": 1})
+    assert {f["key"]: f["etag"] for f in lake_rows(settings, "failures", "WHERE reason <> 'missing'")} == {
+        k: e for k, e in current.items() if k != "ok.jpg"}
 
 
-def test_a_rerun_without_failures_removes_the_failures_shard_of_an_earlier_run(settings, store, model_card,
-                                                                               cifar_jpegs):
+def test_an_object_missing_once_and_found_later_is_indexed(settings, store, model_card, cifar_jpegs):
     body = cifar_jpegs[1][2]
     late = ObjectRef(settings.images_bucket, "late.jpg", hashlib.md5(body).hexdigest())  # S3's etag of one PUT
     batch = Batch("encode", (late,) + tuple(upload(store, settings.images_bucket, [("a.jpg", cifar_jpegs[0][2], "")])))
@@ -190,11 +209,10 @@ def test_a_rerun_without_failures_removes_the_failures_shard_of_an_earlier_run(s
     first = encode_batch(batch, settings, handle, store=store)  # the event outran the object: missing
     assert first.failures_by_reason == {"missing": 1} and first.encoded == 1
     assert store.put(settings.images_bucket, "late.jpg", body) == late.etag
-    again = encode_batch(batch, settings, handle, store=store)  # the redelivery finds it
-    assert again.encoded == 2 and again.failed == 0 and again.failures_key is None
-    assert list(store.list(settings.index_bucket, shards.FAILURES_PREFIX)) == []
-    assert sorted(r["key"] for r in read_table(store, settings.index_bucket, again.codes_key).to_pylist()) == [
-        "a.jpg", "late.jpg"]
+    # a missing object is not a known version: the redelivery reads it again
+    again = encode_batch(batch, settings, handle, store=store)
+    assert (again.encoded, again.failed, again.known) == (1, 0, 1)
+    assert sorted(r["key"] for r in lake_rows(settings, "codes")) == ["a.jpg", "late.jpg"]
 
 
 def test_split_batch_halves_the_distinct_objects_and_carries_the_deaths():
@@ -213,10 +231,9 @@ def test_record_crashed_writes_one_row_per_object_naming_the_deaths(settings, st
     ref = ObjectRef(settings.images_bucket, "posters/huge.png", "abc123")
     batch = Batch("encode", (ref,), crashes=4)
     history = History(2, "Worker exited prematurely: signal 9 (SIGKILL) Job: 7.", "")
-    result = record_crashed(batch, history, settings, ModelHandle(settings, store), store=store)
-    assert result.failures_key == shards.failures_path(model_card.version, batch.batch_id)
-    assert (result.encoded, result.failures_by_reason, result.codes_key) == (0, {"crashed_worker": 1}, None)
-    [row] = read_table(store, settings.index_bucket, result.failures_key).to_pylist()
+    result = record_crashed(batch, history, settings, ModelHandle(settings, store))
+    assert (result.encoded, result.failures_by_reason) == (0, {"crashed_worker": 1})
+    [row] = lake_rows(settings, "failures")
     assert (row["key"], row["etag"], row["reason"], row["model"]) == ("posters/huge.png", "abc123", "crashed_worker",
                                                                       model_card.version)
     assert "killed the worker process 6 times (2 in a batch of its own, 4 in the larger batches" in row["detail"]

@@ -35,6 +35,10 @@ _VERSIONS_SCHEMA = pa.schema([("bucket", pa.string()), ("key", pa.string()), ("e
                               ("mtime_ns", pa.int64())])
 
 
+# A refusal that says the version is settled: not ``missing`` (nothing was there to decide about).
+SETTLED = {"codes": "TRUE", "failures": "o.reason <> 'missing'"}
+
+
 def same_version_or_newer(held: str, new: str) -> str:
     """SQL condition: the row ``held`` is of the image version ``new`` names, or of a newer upload of the
     same bytes. Orders from a listing have millisecond precision and the same version's event sequencer
@@ -54,7 +58,7 @@ class LakeWriter:
 
     def known(self, model_version: str, versions: Iterable) -> set[tuple[str, str, str]]:
         """The (bucket, key, etag) among ``versions`` (objects with bucket, key, etag, mtime_ns attributes)
-        whose image version already has a code or a failure under ``model_version``."""
+        whose image version already has a code or a refusal (other than ``missing``) under ``model_version``."""
         refs = pa.Table.from_pylist([{"bucket": v.bucket, "key": v.key, "etag": v.etag, "mtime_ns": v.mtime_ns}
                                      for v in versions], schema=_VERSIONS_SCHEMA)
         if not refs.num_rows:
@@ -62,7 +66,8 @@ class LakeWriter:
         query = " UNION ".join(f"""
             SELECT n.bucket, n.key, n.etag FROM _hashlake_refs AS n
             WHERE EXISTS (SELECT 1 FROM {LAKE}.{table} AS o
-                          WHERE o.model = $model AND {same_version_or_newer('o', 'n')})""" for table in ("codes", "failures"))
+                          WHERE o.model = $model AND {SETTLED[table]} AND {same_version_or_newer('o', 'n')})"""
+            for table in ("codes", "failures"))
         with self._session() as con:
             con.register("_hashlake_refs", refs)
             try:
@@ -87,7 +92,8 @@ class LakeWriter:
                     con.execute(f"""
                         INSERT INTO {LAKE}.{name} SELECT n.* FROM _hashlake_new_{name} AS n
                         WHERE NOT EXISTS (SELECT 1 FROM {LAKE}.{name} AS o
-                                          WHERE o.model = n.model AND {same_version_or_newer('o', 'n')})""")
+                                          WHERE o.model = n.model AND {SETTLED[name]}
+                                            AND {same_version_or_newer('o', 'n')})""")
                 con.execute("COMMIT")
             except BaseException:
                 _rollback(con)

@@ -41,7 +41,7 @@ from hashlake.lake.catalog_db import CatalogUnavailable
 from hashlake.lake.connection import open_lake
 from hashlake.lake.rules import current_codes_sql
 from hashlake.lake.schema import LAKE, epoch_ns
-from hashlake.lake.writer import same_version_or_newer
+from hashlake.lake.writer import SETTLED, same_version_or_newer
 from hashlake.store import ObjectStore, StoreError
 from workers.intake import metrics
 from workers.intake.events import ObjectEvent
@@ -181,7 +181,7 @@ class Reconciler:
             SELECT l.*,
                    EXISTS (SELECT 1 FROM {LAKE}.codes AS o WHERE o.model = $model
                            AND {same_version_or_newer('o', 'l')}) AS indexed,
-                   EXISTS (SELECT 1 FROM {LAKE}.failures AS o WHERE o.model = $model
+                   EXISTS (SELECT 1 FROM {LAKE}.failures AS o WHERE o.model = $model AND {SETTLED['failures']}
                            AND {same_version_or_newer('o', 'l')}) AS failed
             FROM listing AS l""", {"model": version})
         indexed, failed, missing = con.execute(
