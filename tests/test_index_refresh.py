@@ -1,43 +1,51 @@
-"""CodeIndex loading and refresh from shards in a folder: the visibility rule (newest version per key,
-tombstones, duplicates), incremental refresh, rewritten shards, compaction and merging of segments,
-and sharing one index per process."""
+"""CodeIndex loading from the lake and refreshing from its change feed: the current-rows rule (newest
+version per key at full precision, deletes of keys, of versions and of vanished versions, duplicates),
+incremental refresh equal to a fresh load (also across compaction), segment compaction and merging, and
+one shared index per process."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from datetime import datetime, timezone
 from unittest import mock
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from hashlake.index import CodeIndex, FolderSource, knn, shared_index
+from hashlake.index import CodeIndex, LakeSource, knn, shared_index
 from hashlake.index import code_index
-from hashlake.shards import (TOMBSTONES_SCHEMA, ShardMeta, build_codes_table, codes_path, to_parquet_bytes,
-                             tombstones_path)
+from hashlake.lake import init_lake
+from hashlake.lake.maintenance import compact
+from hashlake.lake.schema import CODES_SCHEMA, DELETES_SCHEMA
+from hashlake.lake.writer import LakeWriter
 
-T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
 VERSION = "v1"
+T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
+SECOND = 1_000_000_000  # ns
+BASE = 1_790_000_000 * SECOND  # an mtime_ns in 2026
 
 
-def write_codes(root: Path, batch: str, rows: list[tuple[str, str, int, int]], bits: int = 16,
-                version: str = VERSION) -> None:
-    """rows: (key, etag, minutes after T0 for last_modified, code as int)."""
-    dicts = [dict(key=k, bucket="images", etag=e, size=1, last_modified=T0 + timedelta(minutes=m),
-                  encoded_at=T0 + timedelta(hours=1), labels=None) for k, e, m, _ in rows]
-    codes = np.array([[(c >> (8 * (bits // 8 - 1 - i))) & 0xFF for i in range(bits // 8)] for *_, c in rows],
-                     np.uint8).reshape(len(rows), bits // 8)
-    path = root / codes_path(version, batch)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(to_parquet_bytes(build_codes_table(dicts, codes, ShardMeta(version, bits, "test"))))
+@pytest.fixture
+def lake(settings, store):  # store: the buckets exist
+    init_lake(settings)
+    writer = LakeWriter(settings)
+    yield writer
+    writer.close()
 
 
-def write_tombstones(root: Path, batch: str, rows: list[tuple[str, int]]) -> None:
-    table = pa.table({"key": [k for k, _ in rows], "bucket": ["images"] * len(rows),
-                      "deleted_at": [T0 + timedelta(minutes=m) for _, m in rows]}, schema=TOMBSTONES_SCHEMA)
-    path = root / tombstones_path(batch)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(to_parquet_bytes(table))
+def write_codes(lake: LakeWriter, rows: list[tuple], bits: int = 16, version: str = VERSION) -> None:
+    """rows: (key, etag, mtime_ns, code as int[, version_id])."""
+    lake.commit(pa.Table.from_pylist([
+        {"bucket": "images", "key": r[0], "etag": r[1], "version_id": r[4] if len(r) > 4 else None, "size": 1,
+         "last_modified": T0, "mtime_ns": r[2], "code": int(r[3]).to_bytes(bits // 8, "big"), "model": version,
+         "encoded_at": T0, "labels": None, "batch_id": "b"} for r in rows], schema=CODES_SCHEMA), None)
+
+
+def write_deletes(lake: LakeWriter, rows: list[tuple]) -> None:
+    """rows: (key, mtime_ns[, version_id[, etag]])."""
+    lake.commit_deletes(pa.Table.from_pylist([
+        {"bucket": "images", "key": r[0], "version_id": r[2] if len(r) > 2 else None,
+         "etag": r[3] if len(r) > 3 else None, "mtime_ns": r[1], "deleted_at": T0, "batch_id": "d"} for r in rows],
+        schema=DELETES_SCHEMA))
 
 
 def visible(index: CodeIndex) -> dict[str, str]:
@@ -49,61 +57,121 @@ def visible(index: CodeIndex) -> dict[str, str]:
     return dict(zip(table.column("key").to_pylist(), table.column("etag").to_pylist()))
 
 
-def test_newest_version_wins_and_tombstones_hide(tmp_path):
-    write_codes(tmp_path, "a", [("x", "x1", 1, 1), ("y", "y1", 1, 2), ("z", "z1", 1, 3)])
-    index = CodeIndex(FolderSource(tmp_path), VERSION)
+def fresh(settings, version: str = VERSION) -> dict[str, str]:
+    index = CodeIndex(LakeSource(settings), version)
+    index.refresh()
+    return visible(index)
+
+
+def test_newest_version_wins_and_deletes_hide(settings, lake):
+    write_codes(lake, [("x", "x1", BASE + 1, 1), ("y", "y1", BASE + 1, 2), ("z", "z1", BASE + 1, 3)])
+    index = CodeIndex(LakeSource(settings), VERSION)
     index.refresh()
     assert visible(index) == {"x": "x1", "y": "y1", "z": "z1"}
 
-    write_codes(tmp_path, "b", [("x", "x2", 5, 4), ("y", "y0", 0, 5)])  # x overwritten; y: an older version
-    write_tombstones(tmp_path, "t1", [("z", 2)])  # z deleted after its only version
+    write_codes(lake, [("x", "x2", BASE + 5, 4), ("y", "y0", BASE, 5)])  # x overwritten; y: an older version
+    write_deletes(lake, [("z", BASE + 2)])  # z deleted after its only version
     snap = index.refresh()
     assert visible(index) == {"x": "x2", "y": "y1"}
-    assert snap.rows == 2 and len(snap.segments) == 2
+    assert snap.rows == 2
 
-    write_tombstones(tmp_path, "t2", [("x", 3)])  # older than x2: hides nothing
-    write_codes(tmp_path, "c", [("z", "z0", 1, 6)])  # a late shard of z's deleted version stays hidden
+    write_deletes(lake, [("x", BASE + 3)])  # older than x2: hides nothing
+    write_codes(lake, [("z", "z0", BASE + 1, 6)])  # a late row of z's deleted version stays hidden
     index.refresh()
     assert visible(index) == {"x": "x2", "y": "y1"}
+    assert fresh(settings) == visible(index)
 
 
-def test_duplicates_collapse_and_refresh_without_news_keeps_snapshot(tmp_path):
-    write_codes(tmp_path, "a", [("x", "x1", 1, 1), ("x", "x1", 1, 1)])
-    write_codes(tmp_path, "b", [("x", "x1", 1, 1)])
-    index = CodeIndex(FolderSource(tmp_path), VERSION)
+def test_within_one_second_order_is_kept_at_full_precision(settings, lake):
+    # delete then re-upload 300 ms later, in the same second: the new upload is current
+    write_codes(lake, [("cat", "c1", BASE + 100_000_000, 1)])
+    index = CodeIndex(LakeSource(settings), VERSION)
+    index.refresh()
+    write_deletes(lake, [("cat", BASE + 200_000_000)])
+    write_codes(lake, [("cat", "c2", BASE + 500_000_000, 2)])
+    index.refresh()
+    assert visible(index) == {"cat": "c2"}
+    # two overwrites within one second, the newer bytes encoded first: the newest bytes win
+    write_codes(lake, [("dog", "d3", BASE + 900_000_000, 3)])
+    index.refresh()
+    write_codes(lake, [("dog", "d2", BASE + 600_000_000, 4)])
+    index.refresh()
+    assert visible(index) == {"cat": "c2", "dog": "d3"}
+    assert fresh(settings) == visible(index)
+
+
+def test_an_event_arriving_after_a_later_one_does_not_win(settings, lake):
+    index = CodeIndex(LakeSource(settings), VERSION)
+    write_codes(lake, [("a", "a2", BASE + 20, 1)])
+    write_deletes(lake, [("b", BASE + 30)])
+    index.refresh()
+    write_codes(lake, [("a", "a1", BASE + 10, 2), ("b", "b1", BASE + 25, 3)])  # late: older than what came first
+    index.refresh()
+    assert visible(index) == {"a": "a2"}
+
+
+def test_a_delete_of_one_version_leaves_the_live_object(settings, lake):
+    write_codes(lake, [("v", "e1", BASE + 1, 1, "ver-1")])
+    index = CodeIndex(LakeSource(settings), VERSION)
+    index.refresh()
+    write_codes(lake, [("v", "e2", BASE + 2, 2, "ver-2")])
+    index.refresh()
+    write_deletes(lake, [("v", BASE + 3, "ver-1")])  # the non-current version removed: the live one stays
+    index.refresh()
+    assert visible(index) == {"v": "e2"}
+    write_codes(lake, [("w", "w1", BASE + 1, 3, "ver-a"), ("w", "w2", BASE + 2, 4, "ver-b")])
+    index.refresh()
+    write_deletes(lake, [("w", BASE + 3, "ver-b")])  # the current version removed: the older one is current again
+    index.refresh()
+    assert visible(index) == {"v": "e2", "w": "w1"}
+    assert fresh(settings) == visible(index)
+
+
+def test_a_reconciler_delete_hides_the_vanished_version_and_not_a_later_upload(settings, lake):
+    # moto lists whole seconds: the re-upload has the same order as the vanished version, another etag
+    write_codes(lake, [("k", "old", BASE, 1)])
+    write_deletes(lake, [("k", BASE, None, "old")])
+    write_codes(lake, [("k", "new", BASE, 2)])
+    assert fresh(settings) == {"k": "new"}
+
+
+def test_duplicates_collapse_and_refresh_without_news_keeps_snapshot(settings, lake):
+    write_codes(lake, [("x", "x1", BASE + 1, 1), ("x", "x1", BASE + 1, 1)])
+    index = CodeIndex(LakeSource(settings), VERSION)
     snap = index.refresh()
     assert snap.rows == 1
     assert index.refresh() is snap
 
 
-def test_rewritten_shard_rebuilds(tmp_path):
-    write_codes(tmp_path, "a", [("x", "x1", 1, 1)])
-    index = CodeIndex(FolderSource(tmp_path), VERSION)
+def test_refresh_across_compaction_equals_a_fresh_load(settings, lake):
+    index = CodeIndex(LakeSource(settings), VERSION)
+    for step in range(6):
+        write_codes(lake, [(f"k{i}", f"e{step}", BASE + step, step * 10 + i) for i in range(step, step + 5)])
+        if step == 3:
+            write_deletes(lake, [("k1", BASE + 3)])
+            compact(settings)  # flushes the inlined rows into files, merges them
+        index.refresh()
+    assert visible(index) == fresh(settings)
+    assert len(visible(index)) == 9 and "k1" not in visible(index)
+
+
+def test_wrong_bits_are_named(settings, lake):
+    write_codes(lake, [("x", "x1", BASE, 1)], bits=16)
+    index = CodeIndex(LakeSource(settings), VERSION)
     index.refresh()
-    write_codes(tmp_path, "a", [("q", "q1", 1, 1), ("r", "r1", 1, 7)])  # same name, new content
-    index.refresh()
-    assert visible(index) == {"q": "q1", "r": "r1"}
+    write_codes(lake, [("y", "y1", BASE, 1)], bits=32)
+    with pytest.raises(ValueError, match="have 32 to 32 bits but this index holds 16-bit codes"):
+        index.refresh()
 
 
-def test_wrong_bits_and_wrong_folder_are_named(tmp_path):
-    write_codes(tmp_path, "a", [("x", "x1", 1, 1)], bits=16)
-    write_codes(tmp_path, "b", [("y", "y1", 1, 1)], bits=32)
-    with pytest.raises(ValueError, match=r"b\.parquet holds 32-bit codes but this index holds 16-bit"):
-        CodeIndex(FolderSource(tmp_path), VERSION).refresh()
-    write_codes(tmp_path / "other", "c", [("y", "y1", 1, 1)], version="v2")
-    (tmp_path / "other" / "codes" / "v2").rename(tmp_path / "other" / "codes" / "v3")
-    with pytest.raises(ValueError, match="holds model version 'v2', not 'v3'"):
-        CodeIndex(FolderSource(tmp_path / "other"), "v3").refresh()
-
-
-def test_compaction_and_merging_keep_answers(tmp_path):
+def test_compaction_and_merging_keep_answers(settings, lake):
     with mock.patch.object(code_index, "MAX_HIDDEN", 2), mock.patch.object(code_index, "MAX_SEGMENTS", 2):
-        index = CodeIndex(FolderSource(tmp_path), VERSION)
-        write_codes(tmp_path, "a", [(f"k{i}", "e1", 1, i) for i in range(10)])
+        index = CodeIndex(LakeSource(settings), VERSION)
+        write_codes(lake, [(f"k{i}", "e1", BASE + 1, i) for i in range(10)])
         index.refresh()
         for step in range(4):  # each refresh overwrites two keys and adds a segment
-            write_codes(tmp_path, f"b{step}", [(f"k{2 * step}", f"e{step + 2}", 5 + step, 100 + step),
-                                               (f"k{2 * step + 1}", f"e{step + 2}", 5 + step, 200 + step)])
+            write_codes(lake, [(f"k{2 * step}", f"e{step + 2}", BASE + 5 + step, 100 + step),
+                               (f"k{2 * step + 1}", f"e{step + 2}", BASE + 5 + step, 200 + step)])
             snap = index.refresh()
             assert len(snap.segments) <= 2
             assert all(len(h) <= 2 for h in snap.hidden)
@@ -113,8 +181,16 @@ def test_compaction_and_merging_keep_answers(tmp_path):
     assert visible(index) == expected
 
 
-def test_empty_folder_and_shared_index(tmp_path):
-    source = FolderSource(tmp_path)
-    index = shared_index(source, "nothing-here")
-    assert index is shared_index(FolderSource(tmp_path), "nothing-here")
+def test_time_travel_reads_an_earlier_snapshot(settings, lake):
+    write_codes(lake, [("a", "a1", BASE, 1)])
+    source = LakeSource(settings)
+    before = source.current_snapshot()
+    write_codes(lake, [("b", "b1", BASE, 2)])
+    assert source.codes(VERSION, before).column("key").to_pylist() == ["a"]
+    assert sorted(source.codes(VERSION, source.current_snapshot()).column("key").to_pylist()) == ["a", "b"]
+
+
+def test_empty_lake_and_shared_index(settings, lake):
+    index = shared_index(LakeSource(settings), "nothing-here")
+    assert index is shared_index(LakeSource(settings), "nothing-here")
     assert index.refresh().rows == 0 and index.snapshot.bits is None

@@ -66,6 +66,10 @@ def _attach(con: duckdb.DuckDBPyConnection, settings: Settings, *, read_only: bo
         con.execute(f"ATTACH {_sql_str(target)} AS {LAKE} ({', '.join(options)})")
     except duckdb.Error as exc:
         text = str(exc)
+        if "creating a new DuckLake is explicitly disabled" in text:
+            raise CatalogUnavailable(
+                f"no lake in postgresql://{settings.pg_host}:{settings.pg_port}/{settings.pg_database} yet: "
+                f"`hashlake lake init` creates it (the stack and the workers do so when they start)") from None
         if "connection" in text.lower() or "password" in text.lower() or "does not exist" in text:
             role = settings.query_pg_user if read_only else settings.pg_user
             raise CatalogUnavailable(
