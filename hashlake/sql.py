@@ -194,7 +194,7 @@ def _pin(con: duckdb.DuckDBPyConnection, state: _ConnectionState, snapshot: Snap
         at = f"AT (VERSION => {int(snapshot.lake_snapshot or 0)})"
         con.register("_hashlake_codes", snapshot.visible_rows)
         con.execute(f"""CREATE OR REPLACE TEMP VIEW codes AS
-            SELECT key, bucket, etag, version_id, size, last_modified, code, {_sql_str(version)} AS model,
+            SELECT key, bucket, etag, size, last_modified, code, {_sql_str(version)} AS model,
                    encoded_at, labels
             FROM _hashlake_codes""")
         if snapshot.lake_snapshot is None:  # nothing loaded: an empty lake

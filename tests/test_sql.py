@@ -1,6 +1,7 @@
-"""hashlake.sql against a real S3 endpoint (moto_server) and a local folder: the codes/failures views,
+"""hashlake.sql against a real lake (PostgreSQL catalog, files on moto_server): the codes/failures views,
 search/within/hamming in SQL agreeing with each other and with brute force, hex and BLOB queries,
-batches crossing the 2,048-row vector, refresh, and hash_image with a published model."""
+batches crossing the 2,048-row vector, refresh, time travel, a query connection that cannot write, and
+hash_image with a published model."""
 from __future__ import annotations
 
 import io
@@ -12,8 +13,9 @@ import pytest
 
 from hashing_models.codes import hamming_reference
 from hashlake import sql
-from hashlake.shards import (FAILURES_SCHEMA, TOMBSTONES_SCHEMA, ShardMeta, build_codes_table, codes_path,
-                             failures_path, to_parquet_bytes, tombstones_path)
+from hashlake.lake import init_lake
+from hashlake.lake.schema import CODES_SCHEMA, DELETES_SCHEMA, FAILURES_SCHEMA, epoch_ns
+from hashlake.lake.writer import shared_writer
 
 from conftest import cli_env
 
@@ -22,11 +24,16 @@ VERSION = "v1"
 N = 2500  # crosses DuckDB's 2,048-row vector
 
 
-def codes_shard(keys: list[str], codes: np.ndarray, minutes: int = 1, version: str = VERSION) -> bytes:
-    rows = [dict(key=k, bucket="images", etag=f"etag-{k}-{minutes}", size=10,
-                 last_modified=T0 + timedelta(minutes=minutes), encoded_at=T0 + timedelta(hours=1),
-                 labels=["cat"]) for k in keys]
-    return to_parquet_bytes(build_codes_table(rows, codes, ShardMeta(version, codes.shape[1] * 8, "test")))
+def commit_codes(settings, keys: list[str], codes: np.ndarray, minutes: int = 1, version: str = VERSION,
+                 rows: list[dict] | None = None) -> None:
+    """Commit codes rows as an encode batch does (``rows`` overrides per-row columns)."""
+    when = T0 + timedelta(minutes=minutes)
+    table = [{"bucket": "images", "key": k, "etag": f"etag-{k}-{minutes}", "version_id": None, "size": 10,
+              "last_modified": when, "mtime_ns": epoch_ns(when), "code": c.tobytes(), "model": version,
+              "encoded_at": T0 + timedelta(hours=1), "labels": ["cat"], "batch_id": "b", **(rows[i] if rows else {})}
+             for i, (k, c) in enumerate(zip(keys, codes))]
+    init_lake(settings)
+    shared_writer(settings).commit(pa.Table.from_pylist(table, schema=CODES_SCHEMA), None)
 
 
 def random_codes(n: int, bits: int, seed: int = 0) -> np.ndarray:
@@ -37,19 +44,20 @@ def random_codes(n: int, bits: int, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture
 def loaded(settings, store):
-    """The index bucket with two codes shards (one overwrites key k00001), a tombstone and a failure."""
+    """The lake with two batches of codes (one overwrites key k00001), a delete and a failure."""
     codes = random_codes(N, 64)
     keys = [f"k{i:05d}" for i in range(N)]
-    bucket = settings.index_bucket
-    store.put(bucket, codes_path(VERSION, "a"), codes_shard(keys[:2000], codes[:2000]))
-    store.put(bucket, codes_path(VERSION, "b"), codes_shard(keys[2000:] + ["k00001"],
-                                                            np.concatenate([codes[2000:], codes[:1]]), 9))
-    tomb = pa.table({"key": ["k00002"], "bucket": ["images"], "deleted_at": [T0 + timedelta(minutes=5)]},
-                    schema=TOMBSTONES_SCHEMA)
-    store.put(bucket, tombstones_path("t"), to_parquet_bytes(tomb))
-    fail = pa.table({"key": ["bad.jpg"], "bucket": ["images"], "etag": ["e"], "reason": ["not_an_image"],
-                     "detail": ["cannot identify image"], "model": [VERSION], "failed_at": [T0]}, schema=FAILURES_SCHEMA)
-    store.put(bucket, failures_path(VERSION, "a"), to_parquet_bytes(fail))
+    commit_codes(settings, keys[:2000], codes[:2000])
+    commit_codes(settings, keys[2000:] + ["k00001"], np.concatenate([codes[2000:], codes[:1]]), 9)
+    writer = shared_writer(settings)
+    writer.commit_deletes(pa.Table.from_pylist([{"bucket": "images", "key": "k00002", "version_id": None, "etag": None,
+                                                 "mtime_ns": epoch_ns(T0 + timedelta(minutes=5)),
+                                                 "deleted_at": T0 + timedelta(minutes=5), "batch_id": "d"}],
+                                               schema=DELETES_SCHEMA))
+    writer.commit(None, pa.Table.from_pylist([{"bucket": "images", "key": "bad.jpg", "etag": "e", "version_id": None,
+                                               "mtime_ns": epoch_ns(T0), "reason": "not_an_image",
+                                               "detail": "cannot identify image", "model": VERSION, "failed_at": T0,
+                                               "batch_id": "f"}], schema=FAILURES_SCHEMA))
     return codes
 
 
@@ -100,16 +108,14 @@ def test_rows_forms_equal_the_join_to_codes(settings, loaded):
         con.execute("SELECT * FROM search_rows(?, 3)", [b"\x00" * 16]).fetchall()
 
 
-def test_rows_forms_return_every_value_as_the_view_does(tmp_path):
+def test_rows_forms_return_every_value_as_the_view_does(settings, store):
     """Sizes, times (one unknown), and labels that are missing, empty or several, as the join reads them."""
     codes = random_codes(40, 64, seed=3)
-    rows = [dict(key=f"r{i:02d}", bucket="images", etag=f"e{i}", size=100 + i,
-                 last_modified=T0 + timedelta(minutes=i) if i % 5 else None, encoded_at=T0 + timedelta(hours=i),
-                 labels=[None, [], ["cat", "small"], ["dog"]][i % 4]) for i in range(40)]
-    path = tmp_path / codes_path("v9", "a")
-    path.parent.mkdir(parents=True)
-    path.write_bytes(to_parquet_bytes(build_codes_table(rows, codes, ShardMeta("v9", 64, "test"))))
-    con = sql.connect(local_dir=tmp_path)
+    rows = [dict(size=100 + i, last_modified=T0 + timedelta(minutes=i) if i % 5 else None,
+                 encoded_at=T0 + timedelta(hours=i), labels=[None, [], ["cat", "small"], ["dog"]][i % 4])
+            for i in range(40)]
+    commit_codes(settings, [f"r{i:02d}" for i in range(40)], codes, version="v9", rows=rows)
+    con = sql.connect(settings, model_version="v9")
     for q in codes[:4]:
         for rows_form, plain in (("search_rows(?, 40)", "search(?, 40)"), ("within_rows(?, 64)", "within(?, 64)")):
             expected = con.execute(f"SELECT c.*, s.distance FROM {plain} s JOIN codes c USING (bucket, key) "
@@ -138,10 +144,10 @@ def test_hamming_sums_long_codes_without_overflow(settings, loaded):
     assert con.sql("SELECT hamming('0f', unhex('f0'))").fetchone()[0] == 8
 
 
-def test_refresh_moves_a_connection_to_new_shards(settings, store, loaded):
+def test_refresh_moves_a_connection_to_new_commits(settings, store, loaded):
     first = sql.connect(settings, model_version=VERSION)
-    store.put(settings.index_bucket, codes_path(VERSION, "c"), codes_shard(["new"], loaded[:1], 3))
-    second = sql.connect(settings, model_version=VERSION)  # sees the new shard
+    commit_codes(settings, ["new"], loaded[:1], 3)
+    second = sql.connect(settings, model_version=VERSION)  # sees the new commit
     assert second.sql("SELECT count(*) FROM codes").fetchone()[0] == N
     assert first.sql("SELECT count(*) FROM codes").fetchone()[0] == N - 1  # pinned to its snapshot
     assert "new" not in {h.key for h in sql.within_codes(first, loaded[0].tobytes(), 0)}
@@ -151,22 +157,45 @@ def test_refresh_moves_a_connection_to_new_shards(settings, store, loaded):
     assert sql._state(first).index is sql._state(second).index  # one index per process
 
 
-def test_local_folder_mode(tmp_path):
-    codes = random_codes(300, 32)
-    path = tmp_path / codes_path("only", "a")
-    path.parent.mkdir(parents=True)
-    path.write_bytes(codes_shard([f"k{i}" for i in range(300)], codes, version="only"))
-    con = sql.connect(local_dir=tmp_path)  # the folder's only version
-    assert con.sql("SELECT count(*) FROM codes").fetchone()[0] == 300
-    assert con.sql("SELECT count(*) FROM failures").fetchone()[0] == 0
-    got = con.execute("SELECT distance FROM search(?, 5)", [codes[3].tobytes()]).fetchall()
-    assert [d for (d,) in got] == sorted(hamming_reference(codes[3:4], codes)[0])[:5]
-    with pytest.raises(ValueError, match="cannot tell which model version"):
-        (tmp_path / "codes" / "second").mkdir()
-        sql.connect(local_dir=tmp_path)
+def test_time_travel_and_the_lake_tables(settings, store, loaded):
+    con = sql.connect(settings, model_version=VERSION)
+    snapshots = [s for (s,) in con.sql("SELECT snapshot_id FROM ducklake_snapshots('lake') "
+                                       "WHERE changes['inlined_insert'] IS NOT NULL OR changes['tables_inserted_into'] "
+                                       "IS NOT NULL ORDER BY 1").fetchall()]
+    counts = [con.sql(f"SELECT count(*) FROM lake.codes AT (VERSION => {s})").fetchone()[0] for s in snapshots]
+    assert 2000 in counts and counts[-1] == N + 1  # after the first batch; every row, overwrites included
+    assert con.sql("SELECT key FROM deletes").fetchall() == [("k00002",)]
+    assert con.sql("SELECT count(*) FROM failure_history").fetchone()[0] == 1
 
 
-def test_every_column_comes_back_to_python_and_the_cli(tmp_path, monkeypatch):
+def test_a_query_connection_cannot_write_load_or_read_other_buckets(settings, store, loaded):
+    store.ensure_bucket("elsewhere")
+    store.put("elsewhere", "secret.csv", b"a,b\n1,2\n")
+    con = sql.connect(settings, model_version=VERSION)
+    refused = {
+        "INSERT INTO lake.codes SELECT * FROM lake.codes LIMIT 1": "read-only",
+        "DELETE FROM lake.deletes": "read-only",
+        "CREATE TABLE lake.mine (a INT)": "read-only",
+        "SELECT * FROM read_csv('s3://elsewhere/secret.csv')": "disabled by configuration",
+        "SELECT * FROM read_csv('/etc/passwd')": "disabled by configuration",
+        "LOAD '/tmp/another.duckdb_extension'": "disabled",
+        f"ATTACH 'postgres:host=127.0.0.1 port={settings.pg_port} dbname={settings.pg_database}' AS pg": "disabled",
+        "SET enable_external_access = true": "locked",
+    }
+    for statement, why in refused.items():
+        with pytest.raises(Exception, match=why):
+            con.execute(statement)
+    assert con.sql("SELECT count(*) FROM lake.codes").fetchone()[0] == N + 1  # nothing was written
+    # the catalog's query role itself may only read
+    import psycopg
+
+    with psycopg.connect(host=settings.pg_host, port=settings.pg_port, dbname=settings.pg_database,
+                         user=settings.query_pg_user, password=settings.query_pg_password.get_secret_value()) as pg:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            pg.execute("DELETE FROM ducklake_snapshot")
+
+
+def test_every_column_comes_back_to_python_and_the_cli(settings, store, monkeypatch):
     """The README's join returns every column of codes, timestamps with time zone included (DuckDB's
     client needs pytz for those: a missing dependency made `hashlake sql "SELECT * FROM codes"` fail)."""
     from rich.console import Console
@@ -175,10 +204,8 @@ def test_every_column_comes_back_to_python_and_the_cli(tmp_path, monkeypatch):
     from hashlake import cli
 
     codes = random_codes(50, 64)
-    path = tmp_path / codes_path("only", "a")
-    path.parent.mkdir(parents=True)
-    path.write_bytes(codes_shard([f"k{i}" for i in range(50)], codes, version="only"))
-    con = sql.connect(local_dir=tmp_path)
+    commit_codes(settings, [f"k{i}" for i in range(50)], codes, version="only")
+    con = sql.connect(settings, model_version="only")
     query = f"SELECT * FROM search('{codes[4].tobytes().hex()}', 3) JOIN codes USING (bucket, key)"
     rows = con.execute(query).fetchall()
     columns = [d[0] for d in con.description]
@@ -187,13 +214,14 @@ def test_every_column_comes_back_to_python_and_the_cli(tmp_path, monkeypatch):
     assert first["labels"] == ["cat"] and first["code"] == codes[4].tobytes()
 
     monkeypatch.setattr(cli, "console", Console(width=400))  # one line per row, whatever the terminal
-    result = CliRunner().invoke(cli.app, ["sql", "--local", str(tmp_path), query])
+    result = CliRunner().invoke(cli.app, ["sql", query], env={**cli_env(settings), "HASHLAKE_MODEL_VERSION": "only"})
     assert result.exit_code == 0, result.output
     assert "last_modified" in result.output and "2026-11-01 00:01:00+00:00" in result.output
     assert codes[4].tobytes().hex() in result.output
 
 
 def test_empty_index_answers_nothing(settings, store):
+    init_lake(settings)
     con = sql.connect(settings, model_version="empty")
     assert con.sql("SELECT count(*) FROM codes").fetchone()[0] == 0
     assert con.sql("SELECT * FROM search('00ff00ff00ff00ff', 10)").fetchall() == []
@@ -227,8 +255,7 @@ def test_hash_image_uses_the_active_model(settings, store, tmp_path):
     expected = model.encode(prepare_images([Image.open(io.BytesIO(buf.getvalue()))], model.input_config))[0]
     image_path = tmp_path / "red.png"
     image_path.write_bytes(buf.getvalue())
-    store.put(settings.index_bucket, codes_path("lsh-test", "a"),
-              codes_shard(["red.png", "other.png"], np.stack([expected, ~expected]), version="lsh-test"))
+    commit_codes(settings, ["red.png", "other.png"], np.stack([expected, ~expected]), version="lsh-test")
 
     con = sql.connect(settings)  # follows the active pointer
     assert con.execute("SELECT hash_image(?)", [buf.getvalue()]).fetchone()[0] == expected.tobytes()
@@ -253,8 +280,7 @@ def test_cli_search_prints_the_nearest_with_labels(settings, store, tmp_path, mo
     image_path = tmp_path / "blue.png"
     Image.new("RGB", (40, 30), (20, 30, 200)).save(image_path)
     code = model.encode(prepare_images([Image.open(image_path)], model.input_config))[0]
-    store.put(settings.index_bucket, codes_path("lsh-cli", "a"),
-              codes_shard(["far.png", "blue.png"], np.stack([~code, code]), version="lsh-cli"))
+    commit_codes(settings, ["far.png", "blue.png"], np.stack([~code, code]), version="lsh-cli")
     env = cli_env(settings)
     monkeypatch.setattr(cli, "console", Console(width=200))
     result = CliRunner().invoke(cli.app, ["search", str(image_path), "-k", "2"], env=env)
@@ -290,6 +316,7 @@ def test_hash_image_decodes_like_the_workers(settings, store):
     assert upright.size == (20, 40)
     expected = model.encode(prepare_images([upright], model.input_config))[0].tobytes()
 
+    init_lake(settings)
     con = sql.connect(settings)
     assert sql.hash_image(con, buf.getvalue()) == expected
     with pytest.raises(Exception, match="not_an_image"):
