@@ -18,17 +18,9 @@ from prometheus_client import REGISTRY
 
 from hashlake.catalog import ModelNotFound
 from hashlake.services import free_port, start_redis
-from hashlake.shards import (
-    FAILURES_SCHEMA,
-    TOMBSTONES_SCHEMA,
-    ShardMeta,
-    batch_id_for,
-    build_codes_table,
-    codes_path,
-    failures_path,
-    to_parquet_bytes,
-    tombstones_path,
-)
+from hashlake.lake import init_lake
+from hashlake.lake.schema import CODES_SCHEMA, FAILURES_SCHEMA, epoch_ns
+from hashlake.lake.writer import shared_writer
 from workers.intake import reconcile_once
 from workers.intake.batcher import Batcher
 from workers.intake.events import MalformedEvent, ObjectEvent, parse_access_element, parse_webhook_body
@@ -37,7 +29,7 @@ from workers.intake.reconciler import Reconciler, open_reconciler
 from workers.intake.redis_source import RedisListConsumer
 from workers.intake.sender import BatchSender, task_queue_names
 from workers.intake.webhook import WEBHOOK_PATH, create_webhook_app
-from workers.messages import ENCODE_TASK, TOMBSTONE_TASK, ObjectRef
+from workers.messages import ENCODE_TASK, TOMBSTONE_TASK, ObjectRef, batch_id_for
 
 EVENTS = Path(__file__).resolve().parents[2] / "shared" / "events"
 AUTH = {"Authorization": "Bearer test-token"}
@@ -113,6 +105,25 @@ def pending_refs(client, keys) -> list[tuple[str, str, str, str]]:
 
 
 # -- parsing ----------------------------------------------------------------------------------------
+def test_events_carry_their_order_and_version():
+    put = parse_webhook_body(sample("webhook-put.json")).events[0].ref
+    assert put.mtime_ns == 0x187A2C3D4F1B2A40  # MinIO's sequencer: nanoseconds, increasing per key
+    plain = record()
+    (event,) = parse_webhook_body(json.dumps({"Records": [plain]}).encode()).events
+    assert event.ref.mtime_ns == 1_795_369_314_120_000_000  # no sequencer: eventTime, to the millisecond
+    version_delete = record(name="s3:ObjectRemoved:Delete", etag=None)
+    version_delete["s3"]["object"]["versionId"] = "3f2a-v1"
+    marker = record(name="s3:ObjectRemoved:DeleteMarkerCreated", etag=None)
+    marker["s3"]["object"]["versionId"] = "marker-9"
+    unversioned = record(name="s3:ObjectRemoved:Delete", etag=None)
+    unversioned["s3"]["object"]["versionId"] = "null"
+    refs = [e.ref for e in parse_webhook_body(json.dumps({"Records": [version_delete, marker, unversioned]}).encode()).events]
+    assert [r.version_id for r in refs] == ["3f2a-v1", None, None]  # a marker deletes the key, not one version
+    bad = record()
+    bad["s3"]["object"]["sequencer"] = "not-hex"
+    assert "sequencer 'not-hex' is not hexadecimal" in parse_webhook_body(json.dumps({"Records": [bad]}).encode()).errors[0]
+
+
 def test_samples_parse_to_decoded_keys():
     put = parse_webhook_body(sample("webhook-put.json"))
     assert not put.errors and [(e.kind, e.ref.bucket, e.ref.key, e.ref.etag, e.ref.size) for e in put.events] == [
@@ -324,19 +335,22 @@ def test_malformed_pending_entry_is_dead_lettered(client, keys, sender, queue):
 
 
 # -- reconciler -------------------------------------------------------------------------------------
-def write_codes_shard(store, settings, version, infos):
-    rows = [{"key": i.key, "bucket": i.bucket, "etag": i.etag, "size": i.size, "last_modified": i.last_modified,
-             "encoded_at": datetime.now(timezone.utc), "labels": []} for i in infos]
-    table = build_codes_table(rows, np.zeros((len(rows), 8), np.uint8), ShardMeta(version, 64, "test"))
-    name = codes_path(version, batch_id_for((i.bucket, i.key, i.etag) for i in infos))
-    store.put(settings.index_bucket, name, to_parquet_bytes(table))
+def write_codes(settings, version, infos):
+    """Commit code rows for listed objects (``ObjectInfo``), ordered as the listing orders them."""
+    init_lake(settings)
+    now = datetime.now(timezone.utc)
+    shared_writer(settings).commit(pa.Table.from_pylist(
+        [{"bucket": i.bucket, "key": i.key, "etag": i.etag, "version_id": None, "size": i.size,
+          "last_modified": i.last_modified, "mtime_ns": epoch_ns(i.last_modified), "code": bytes(8), "model": version,
+          "encoded_at": now, "labels": [], "batch_id": "b"} for i in infos], schema=CODES_SCHEMA), None)
 
 
-def write_tombstone(store, settings, key, deleted_at):
-    table = pa.table({"key": [key], "bucket": [settings.images_bucket], "deleted_at": [deleted_at]},
-                     schema=TOMBSTONES_SCHEMA)
-    store.put(settings.index_bucket, tombstones_path(batch_id_for([(settings.images_bucket, key, "")])),
-              to_parquet_bytes(table))
+def write_failure(settings, version, info, reason="not_an_image"):
+    init_lake(settings)
+    shared_writer(settings).commit(None, pa.Table.from_pylist(
+        [{"bucket": info.bucket, "key": info.key, "etag": info.etag, "version_id": None,
+          "mtime_ns": epoch_ns(info.last_modified), "reason": reason, "detail": "x", "model": version,
+          "failed_at": datetime.now(timezone.utc), "batch_id": "f"}], schema=FAILURES_SCHEMA))
 
 
 def test_reconcile_without_a_model_says_so(intake_settings, store):
@@ -345,55 +359,69 @@ def test_reconcile_without_a_model_says_so(intake_settings, store):
 
 
 def test_reconciler_queues_unindexed_and_deletes_vanished(intake_settings, store, client, keys, queue):
-    # Pinned version; a short visibility timeout so the re-queue rule can be seen within the test.
-    settings = intake_settings.model_copy(update={"model_version": "v1", "broker_visibility_timeout_s": 0.3})
+    # Pinned version; a short re-queue delay so the re-queue rule can be seen within the test.
+    settings = intake_settings.model_copy(update={"model_version": "v1", "reconcile_requeue_s": 5.0})
     bucket = settings.images_bucket
-    for key in ("indexed/a.jpg", "indexed/b.jpg", "new/c.jpg", "changed.jpg", "broken.jpg", "deleted-later.jpg"):
+    for key in ("indexed/a.jpg", "indexed/b.jpg", "new/c.jpg", "changed.jpg", "broken.jpg", "gone.jpg",
+                "deleted-later.jpg", "vanished.jpg"):
         store.put(bucket, key, key.encode())
     infos = {o.key: o for o in store.list(bucket)}
-    indexed = ("indexed/a.jpg", "indexed/b.jpg", "deleted-later.jpg")
-    write_codes_shard(store, settings, "v1", [infos[k] for k in indexed])
-    write_codes_shard(store, settings, "v1", [replace(infos["changed.jpg"], etag="old-etag")])  # overwritten since
-    write_codes_shard(store, settings, "v0", [infos["new/c.jpg"]])  # another model version does not count
-    failures = pa.table({"key": ["broken.jpg"], "bucket": [bucket], "etag": [infos["broken.jpg"].etag],
-                         "reason": ["not_an_image"], "detail": ["x"], "model": ["v1"],
-                         "failed_at": [datetime.now(timezone.utc)]}, schema=FAILURES_SCHEMA)
-    store.put(settings.index_bucket, failures_path("v1", "f1"), to_parquet_bytes(failures))
-    # An indexed object deleted from the bucket (its event lost), and one deleted and already tombstoned.
-    write_codes_shard(store, settings, "v1", [replace(infos["indexed/a.jpg"], key="tombstoned.jpg", etag="t1")])
-    write_tombstone(store, settings, "tombstoned.jpg", datetime.now(timezone.utc))
+    write_codes(settings, "v1", [infos[k] for k in ("indexed/a.jpg", "indexed/b.jpg", "deleted-later.jpg")])
+    write_codes(settings, "v1", [replace(infos["changed.jpg"], etag="old-etag")])  # overwritten since
+    write_codes(settings, "v0", [infos["new/c.jpg"]])  # another model version does not count
+    write_failure(settings, "v1", infos["broken.jpg"])
+    write_failure(settings, "v1", infos["vanished.jpg"], reason="missing")  # missing once: not settled
+    # An indexed object deleted from the bucket (its event lost), and one deleted and already deleted in the lake.
+    write_codes(settings, "v1", [infos["gone.jpg"]])
+    tombstone = ObjectRef(bucket, "gone.jpg", mtime_ns=epoch_ns(datetime.now(timezone.utc)))
+    from workers.encode.runner import tombstone_batch
+    from workers.messages import Batch
+    tombstone_batch(Batch("delete", (tombstone,)), settings)
+    store.delete(bucket, "gone.jpg")
     store.delete(bucket, "deleted-later.jpg")
 
     reconciler = Reconciler(settings, store, client, keys, [queue])
     summary = reconciler.run_once()
+    first_queued = time.monotonic()
     assert (summary.model_version, summary.listed, summary.indexed, summary.failed, summary.missing,
-            summary.queued, summary.deleted) == ("v1", 5, 2, 1, 2, 2, 1)
-    # Shards read: codes of v1 (3), failures (1), tombstones (1); none of v0.
-    assert summary.shards_read == 5 and summary.batcher_alive is False and summary.pending == 3
+            summary.queued, summary.deleted) == ("v1", 6, 2, 1, 3, 3, 1)
+    assert summary.batcher_alive is False and summary.pending == 4
     assert sorted(pending_refs(client, keys)) == [
-        ("delete", bucket, "deleted-later.jpg", ""),
+        ("delete", bucket, "deleted-later.jpg", infos["deleted-later.jpg"].etag),
         ("encode", bucket, "changed.jpg", infos["changed.jpg"].etag),
-        ("encode", bucket, "new/c.jpg", infos["new/c.jpg"].etag)]
+        ("encode", bucket, "new/c.jpg", infos["new/c.jpg"].etag),
+        ("encode", bucket, "vanished.jpg", infos["vanished.jpg"].etag)]
 
-    # A second run reads no shard again and does not queue what is still waiting in the queues.
-    time.sleep(0.4)  # past the visibility timeout, but the pending list is not empty
+    # A second run right after does not queue what it queued a moment ago.
     again = reconciler.run_once()
-    assert (again.shards_read, again.shards_cached, again.queued, again.deleted,
-            again.skipped_recent) == (0, 5, 0, 0, 3)
-    # Once encoded (a new shard), the object is indexed; the cache reads only that shard.
-    write_codes_shard(store, settings, "v1", [infos["new/c.jpg"]])
+    assert (again.queued, again.deleted, again.skipped_recent) == (0, 0, 4)
+    # Once encoded, the object is indexed and forgotten.
+    write_codes(settings, "v1", [infos["new/c.jpg"]])
     third = reconciler.run_once()
-    assert (third.shards_read, third.indexed, third.skipped_recent) == (1, 3, 2)
-    # The queues drained but the rest is still not indexed: those tasks were lost, queue them again.
-    client.delete(keys.pending)
+    assert (third.indexed, third.skipped_recent) == (3, 3)
+    # Still missing after the re-queue delay: those tasks were lost; queued again though the queue is full.
+    time.sleep(max(0.0, first_queued + settings.reconcile_requeue_s + 0.2 - time.monotonic()))
+    assert client.llen(keys.pending) > 0
     fourth = reconciler.run_once()
-    assert (fourth.queued, fourth.deleted, fourth.skipped_recent) == (1, 1, 0)
+    assert (fourth.queued, fourth.deleted, fourth.skipped_recent) == (2, 1, 0)
+
+
+def test_a_pass_queues_at_most_its_bound_and_the_next_passes_take_the_rest(intake_settings, store, client, keys):
+    settings = intake_settings.model_copy(update={"model_version": "v1", "reconcile_max_per_pass": 2})
+    for i in range(5):
+        store.put(settings.images_bucket, f"img{i}.jpg", b"x%d" % i)
+    init_lake(settings)
+    with open_reconciler(settings) as reconciler:
+        queued = [reconciler.run_once().queued for _ in range(4)]
+    assert queued == [2, 2, 1, 0]
+    assert len({r[2] for r in pending_refs(client, keys)}) == 5
 
 
 def test_reconciled_objects_flow_through_the_batcher(intake_settings, store, client, keys, sender, queue):
     settings = intake_settings.model_copy(update={"model_version": "v1"})
     for i in range(5):
         store.put(settings.images_bucket, f"img{i}.jpg", b"x%d" % i)
+    init_lake(settings)
     summary = reconcile_once(settings)
     assert summary.queued == 5 and summary.skipped_recent == 0
     batcher = Batcher(client, keys, sender, batch_size=4, window_ms=50)
@@ -410,7 +438,7 @@ def test_staged_runs_queue_encodes_for_their_version_beside_the_active_runs(inta
     bucket = settings.images_bucket
     for i in range(3):
         store.put(bucket, f"img{i}.jpg", b"x%d" % i)
-    write_codes_shard(store, settings, "v2", [store.stat(bucket, "img0.jpg")])  # already encoded under v2
+    write_codes(settings, "v2", [next(o for o in store.list(bucket) if o.key == "img0.jpg")])  # encoded under v2
     with open_reconciler(settings) as reconciler:
         active, staged = reconciler.run_once(), reconciler.run_once(version="v2")
     assert (active.model_version, active.indexed, active.queued) == ("v1", 0, 3)
