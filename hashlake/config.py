@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     s3_secret_key: SecretStr = SecretStr("minioadmin")
     s3_region: str = "us-east-1"
     images_bucket: str = Field("images", description="the bucket users upload to")
-    index_bucket: str = Field("hashlake", description="shards, failures, tombstones, models")
+    index_bucket: str = Field("hashlake", description="the lake's data files (lake/) and model versions (models/)")
 
     # --- the lake: DuckLake tables, catalog in PostgreSQL, data files in the index bucket ---------
     pg_host: str = "127.0.0.1"

@@ -121,7 +121,7 @@ class ObjectStore:
         One PUT is all-or-nothing on S3, MinIO and moto: a reader (a listing included) sees the
         previous object or the new one, never part of it, and a writer that dies mid-upload leaves
         nothing behind (above the SDK's multipart threshold, an incomplete upload that no listing
-        shows). So shards and model files are written with this too; no temporary name is needed."""
+        shows). So model files are written with this too; no temporary name is needed."""
         with self._errors(bucket, key):
             res = self.client.put_object(bucket, key, io.BytesIO(body), len(body),
                                          content_type=content_type, metadata=metadata)

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hashlake import shards
 from hashlake.catalog import ModelCard
+from hashlake.lake.schema import CODES_SCHEMA, FAILURES_SCHEMA, epoch_ns
 from hashing_models.decode import UndecodableImage, decode_image
 from workers.encode.read import io_pool, read_object, start_io_threads
 from workers.encode.rejects import (EMPTY, MISSING, NOT_AN_IMAGE, TOO_LARGE, TOO_MANY_PIXELS, TRUNCATED, UNREADABLE,
                                     Failure, ImageRejected)
 from workers.encode.runner import unique_refs
-from workers.encode.write import code_rows, labels_of, write_codes, write_failures, write_tombstones
+from workers.encode.write import codes_table, deletes_table, failures_table, labels_of
 from workers.messages import Batch, ObjectRef
 
 from conftest import jpeg_bytes
@@ -156,38 +156,37 @@ def card(bits: int = 64) -> ModelCard:
                      bits=bits, input_size=64, description="test")
 
 
-def test_codes_shard_roundtrip_and_overwrite(store, settings):
+def test_batch_rows_carry_the_lake_schema_and_the_version_order(store, settings):
     bucket = settings.images_bucket
     store.put(bucket, "k.jpg", jpeg_bytes(), metadata={"labels": "ship"})
-    fetched = [read_object(store, ObjectRef(bucket, "k.jpg"), 10**6)]
+    ordered = ObjectRef(bucket, "k.jpg", mtime_ns=1_795_341_600_250_000_123)  # an event's sequencer
+    fetched = [read_object(store, ordered, 10**6), read_object(store, ObjectRef(bucket, "k.jpg"), 10**6)]
     now = datetime.now(timezone.utc)
-    codes = np.array([[1, 2, 3, 4, 5, 6, 7, 8]], dtype=np.uint8)
-    for _ in range(2):  # a retry writes the same name: still one shard, one row
-        key = write_codes(store, settings.index_bucket, card(), "batch1", code_rows(fetched, now), codes)
-    assert key == shards.codes_path("test-v1", "batch1")
-    assert [o.key for o in store.list(settings.index_bucket)] == [key]
-    body, _ = store.get(settings.index_bucket, key)
-    table = shards.read_parquet_bytes(body)
-    assert table.num_rows == 1
-    row = table.to_pylist()[0]
-    assert row["code"] == codes[0].tobytes() and row["labels"] == ["ship"] and row["model"] == "test-v1"
-    assert row["etag"] == fetched[0].info.etag and row["size"] == fetched[0].info.size
-    meta = shards.ShardMeta.from_kv(table.schema.metadata)
-    assert meta.bits == 64 and meta.model_version == "test-v1"
+    codes = np.array([[1, 2, 3, 4, 5, 6, 7, 8]] * 2, dtype=np.uint8)
+    table = codes_table(fetched, codes, card(), "batch1", now)
+    assert table.schema.equals(CODES_SCHEMA)
+    first, second = table.to_pylist()
+    assert first["code"] == codes[0].tobytes() and first["labels"] == ["ship"] and first["model"] == "test-v1"
+    assert first["etag"] == fetched[0].info.etag and first["size"] == fetched[0].info.size
+    assert first["mtime_ns"] == ordered.mtime_ns and first["batch_id"] == "batch1"
+    # no order from an event: the store's Last-Modified (whole seconds)
+    assert second["mtime_ns"] == epoch_ns(fetched[1].info.last_modified) and second["mtime_ns"] % 10**9 == 0
+    with pytest.raises(ValueError, match="code has 128 bits"):
+        codes_table(fetched, np.zeros((2, 16), np.uint8), card(), "batch1", now)
 
 
-def test_failures_and_tombstones_shards(store, settings):
+def test_failure_and_delete_rows(store, settings):
     now = datetime.now(timezone.utc)
-    failure = Failure(ObjectRef("images", "x.txt", "e1"), "e1", NOT_AN_IMAGE, "not an image")
-    key = write_failures(store, settings.index_bucket, "test-v1", "b1", [failure], now)
-    table = shards.read_parquet_bytes(store.get(settings.index_bucket, key)[0])
-    assert table.schema.equals(shards.FAILURES_SCHEMA, check_metadata=False)
-    assert table.to_pylist()[0]["reason"] == NOT_AN_IMAGE
+    failure = Failure(ObjectRef("images", "x.txt", "e1", mtime_ns=5), "e1", NOT_AN_IMAGE, "not an image")
+    table = failures_table([failure], "test-v1", "b1", now)
+    assert table.schema.equals(FAILURES_SCHEMA)
+    assert (table.to_pylist()[0]["reason"], table.to_pylist()[0]["mtime_ns"]) == (NOT_AN_IMAGE, 5)
 
     batch = Batch("delete", (ObjectRef("images", "gone.jpg", event_time="2026-11-22T10:00:00.250Z"),
-                             ObjectRef("images", "also.jpg")))
-    key = write_tombstones(store, settings.index_bucket, batch, now)
-    assert key == shards.tombstones_path(batch.batch_id)
-    rows = shards.read_parquet_bytes(store.get(settings.index_bucket, key)[0]).to_pylist()
+                             ObjectRef("images", "also.jpg"),
+                             ObjectRef("images", "one.jpg", mtime_ns=9, version_id="v7")))
+    rows = deletes_table(batch, now).to_pylist()
     assert rows[0]["deleted_at"] == datetime(2026, 11, 22, 10, 0, 0, 250000, tzinfo=timezone.utc)
-    assert rows[1]["deleted_at"] == now.replace(microsecond=now.microsecond)
+    assert rows[0]["mtime_ns"] == 1_795_341_600_250_000_000
+    assert rows[1]["deleted_at"] == now and rows[1]["mtime_ns"] == epoch_ns(now)
+    assert (rows[2]["mtime_ns"], rows[2]["version_id"]) == (9, "v7")

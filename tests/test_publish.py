@@ -17,7 +17,6 @@ from hashing_models.datasets import read_index
 from hashing_models.preprocess import prepare_images
 from hashing_models.protocols import Split
 from hashing_models.trainer import TrainConfig, train
-from hashlake import shards
 from hashlake.catalog import Catalog
 from hashlake.cli import app
 from hashlake.models import init_model, publish_checkpoint
@@ -27,7 +26,7 @@ from workers.encode.model import ModelHandle
 from workers.encode.runner import encode_batch
 from workers.messages import Batch, ObjectRef
 
-from conftest import cli_env
+from conftest import cli_env, lake_rows
 
 CIFAR10 = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "cifar10.parquet"
 
@@ -71,7 +70,7 @@ def test_a_published_checkpoint_is_what_workers_encode_with(settings, store, tra
     result = encode_batch(Batch("encode", tuple(refs)), settings, ModelHandle(settings, store), store=store)
     assert result.model_version == card.version and result.encoded == len(items)
 
-    rows = shards.read_parquet_bytes(store.get(settings.index_bucket, result.codes_key)[0]).to_pylist()
+    rows = lake_rows(settings, "codes")
     got = np.stack([np.frombuffer(r["code"], np.uint8) for r in sorted(rows, key=lambda r: r["key"])])
     model = trained.model
     images = [Image.open(io.BytesIO(body)).convert("RGB") for _, _, body in items]

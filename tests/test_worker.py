@@ -1,5 +1,5 @@
-"""Real Celery workers (prefork, one child) against real redis-server and moto_server: batches are indexed,
-bad input becomes failure rows, duplicates collapse to one shard, a missing model is retried until one
+"""Real Celery workers (prefork, one child) against real redis-server, moto_server and the lake: batches are indexed,
+bad input becomes failure rows, duplicates add no row, a missing model is retried until one
 is active, metrics survive child exits, a SIGKILL mid-batch loses nothing, and a batch that keeps killing
 its worker is split until the image that kills it is alone and recorded.
 
@@ -24,12 +24,13 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from hashlake import shards
 from hashlake.models import init_model
 from hashlake.services import Service, find_executable, free_port, spawn, wait_until
 from workers.celery_app import make_app
 from workers.encode.runner import TEST_INFER_DELAY_ENV
 from workers.messages import ENCODE_TASK, TOMBSTONE_TASK, Batch, ObjectRef
+
+from conftest import cli_env, lake_rows
 
 pytestmark = pytest.mark.services
 
@@ -56,12 +57,7 @@ class Worker:
         multiproc = tmp_path / f"metrics-{name}"
         multiproc.mkdir(parents=True, exist_ok=True)
         worker_env = {
-            "HASHLAKE_S3_ENDPOINT": settings.s3_endpoint,
-            "HASHLAKE_S3_ACCESS_KEY": settings.s3_access_key.get_secret_value(),
-            "HASHLAKE_S3_SECRET_KEY": settings.s3_secret_key.get_secret_value(),
-            "HASHLAKE_IMAGES_BUCKET": settings.images_bucket,
-            "HASHLAKE_INDEX_BUCKET": settings.index_bucket,
-            "HASHLAKE_REDIS_URL": settings.redis_url,
+            **cli_env(settings),
             "HASHLAKE_STACK_DIR": str(tmp_path / "stack"),
             "HASHLAKE_TORCH_THREADS": "1",
             "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
@@ -126,12 +122,15 @@ def upload_cifar(store, bucket, cifar_jpegs, start: int, n: int) -> list[ObjectR
     return refs
 
 
-def wait_for_object(store, bucket, key, worker: Worker, timeout_s=60.0) -> None:
-    wait_until(lambda: store.exists(bucket, key), timeout_s, f"s3://{bucket}/{key}", worker.service.proc, worker.log)
+def wait_for_rows(settings, table: str, count: int, worker: Worker, *, where: str = "", timeout_s=60.0) -> list[dict]:
+    """Poll the lake until ``table`` holds at least ``count`` rows (``where`` filters); return them."""
+    found: list[dict] = []
 
-
-def rows(store, bucket, key) -> list[dict]:
-    return shards.read_parquet_bytes(store.get(bucket, key)[0]).to_pylist()
+    def enough() -> bool:
+        found[:] = lake_rows(settings, table, where)
+        return len(found) >= count
+    wait_until(enough, timeout_s, f"{count} rows in lake.{table} {where}", worker.service.proc, worker.log)
+    return found
 
 
 def test_worker_indexes_batches_records_failures_and_exports_metrics(wsettings, store, tmp_path, cifar_jpegs):
@@ -151,38 +150,39 @@ def test_worker_indexes_batches_records_failures_and_exports_metrics(wsettings, 
         send(s, ENCODE_TASK, batch)
         wait_until(lambda: "no active model" in worker.text() and "Retry in" in worker.text(), 30,
                    "a retry for the missing model", worker.service.proc, worker.log)
-        assert list(store.list(s.index_bucket, shards.FAILURES_PREFIX)) == []
+        assert lake_rows(s, "failures") == []
         card = init_model(s, "lsh_effnetlite0_64", img_size=IMG_SIZE, store=store)
 
-        codes_key = shards.codes_path(card.version, batch.batch_id)
-        wait_for_object(store, s.index_bucket, codes_key, worker)
+        wait_for_rows(s, "codes", len(good), worker)
         send(s, ENCODE_TASK, Batch("encode", tuple(reversed(good + bad))))  # a duplicate: same batch id
         delete = Batch("delete", (ObjectRef(s.images_bucket, "cifar/0000.jpg", event_time="2026-11-22T11:00:00Z"),))
         send(s, TOMBSTONE_TASK, delete)
-        wait_for_object(store, s.index_bucket, shards.tombstones_path(delete.batch_id), worker)
+        [tomb] = wait_for_rows(s, "deletes", 1, worker)
         wait_until(lambda: "succeeded" in worker.text() and worker.text().count(f"'batch_id': '{batch.batch_id}'") >= 2,
                    30, "the duplicate batch", worker.service.proc, worker.log)
 
-        assert [o.key for o in store.list(s.index_bucket, shards.CODES_PREFIX)] == [codes_key]
-        codes = rows(store, s.index_bucket, codes_key)
-        assert sorted(r["key"] for r in codes) == sorted(r.key for r in good)
+        codes = lake_rows(s, "codes")
+        assert sorted(r["key"] for r in codes) == sorted(r.key for r in good)  # the duplicate added nothing
         assert all(r["labels"] == [str(cifar_jpegs[int(r["key"][6:10])][1])] for r in codes)
-        failures = rows(store, s.index_bucket, shards.failures_path(card.version, batch.batch_id))
-        assert {f["key"]: f["reason"] for f in failures} == {
-            "bad/notes.txt": "not_an_image", "bad/empty.jpg": "empty", "bad/vanished.jpg": "missing"}
-        tomb = rows(store, s.index_bucket, shards.tombstones_path(delete.batch_id))
-        assert [(t["key"], t["deleted_at"].isoformat()) for t in tomb] == [("cifar/0000.jpg", "2026-11-22T11:00:00+00:00")]
+        assert {r["batch_id"] for r in codes} == {batch.batch_id}
+        failures = lake_rows(s, "failures")
+        # the duplicate's missing object is looked for again (missing settles nothing), the others are not
+        assert sorted((f["key"], f["reason"]) for f in failures) == [
+            ("bad/empty.jpg", "empty"), ("bad/notes.txt", "not_an_image"), ("bad/vanished.jpg", "missing"),
+            ("bad/vanished.jpg", "missing")]
+        assert (tomb["key"], tomb["deleted_at"].isoformat()) == ("cifar/0000.jpg", "2026-11-22T11:00:00+00:00")
 
         # Every task ran in its own pool child (max-tasks-per-child 1): the sums prove no exited
         # child's numbers were lost.
         m = worker.metrics()
-        assert m[("hashlake_worker_images_encoded_total", (("model", card.version),))] == 16
+        assert m[("hashlake_worker_images_encoded_total", (("model", card.version),))] == 8
+        assert m[("hashlake_worker_images_skipped_total", (("reason", "known"),))] == 10
         assert m[("hashlake_worker_failures_total", (("reason", "missing"),))] == 2
         assert m[("hashlake_worker_tombstones_total", (("bucket", s.images_bucket),))] == 1
         for stage in ("read", "infer", "write"):
             assert m[("hashlake_worker_stage_seconds_count", (("stage", stage),))] == 2
-        assert m[("hashlake_event_to_queryable_seconds_count", (("source", "enqueued"),))] == 2
-        assert m[("hashlake_event_to_queryable_seconds_count", (("source", "event"),))] == 16
+        assert m[("hashlake_event_to_queryable_seconds_count", (("source", "enqueued"),))] == 1
+        assert m[("hashlake_event_to_queryable_seconds_count", (("source", "event"),))] == 8
         assert m[("hashlake_worker_batches_total", (("kind", "encode"), ("outcome", "retry")))] >= 1
     finally:
         worker.stop()
@@ -203,20 +203,19 @@ def wait_in_model_stage(worker: Worker, batch: Batch, times: int = 1) -> None:
 def test_sigkill_of_the_pool_child_mid_batch_loses_nothing(wsettings, store, model_card, tmp_path, cifar_jpegs):
     s = wsettings
     batch = Batch("encode", tuple(upload_cifar(store, s.images_bucket, cifar_jpegs, 20, 6)))
-    codes_key = shards.codes_path(model_card.version, batch.batch_id)
     worker = Worker(s, tmp_path, "w2", env={TEST_INFER_DELAY_ENV: "2"})
     try:
         send(s, ENCODE_TASK, batch)
         wait_in_model_stage(worker, batch)
         [child] = worker.child_pids()
         os.kill(child, signal.SIGKILL)
-        assert not store.exists(s.index_bucket, codes_key)  # killed before the write stage
+        assert lake_rows(s, "codes") == []  # killed before the write stage
         # The main process sees the child die (WorkerLostError) and, with reject_on_worker_lost,
         # requeues the message at once; the new child gets it again.
         wait_in_model_stage(worker, batch, times=2)
-        wait_for_object(store, s.index_bucket, codes_key, worker)
+        codes = wait_for_rows(s, "codes", len(batch.objects), worker)
         assert "WorkerLostError" in worker.text()
-        assert sorted(r["key"] for r in rows(store, s.index_bucket, codes_key)) == sorted(o.key for o in batch.objects)
+        assert sorted(r["key"] for r in codes) == sorted(o.key for o in batch.objects)
     finally:
         worker.stop()
 
@@ -228,7 +227,6 @@ def test_sigkill_of_the_whole_node_mid_batch_loses_nothing(wsettings, store, mod
     s = wsettings
     env = {"HASHLAKE_BROKER_VISIBILITY_TIMEOUT_S": str(visibility_s)}
     batch = Batch("encode", tuple(upload_cifar(store, s.images_bucket, cifar_jpegs, 40, 6)))
-    codes_key = shards.codes_path(model_card.version, batch.batch_id)
     broker = redis.Redis.from_url(s.redis_url)
     first = Worker(s, tmp_path, "w3", env={**env, TEST_INFER_DELAY_ENV: "30"})
     try:
@@ -239,13 +237,13 @@ def test_sigkill_of_the_whole_node_mid_batch_loses_nothing(wsettings, store, mod
     finally:
         first.stop()
     assert broker.hlen("unacked") == 1 and broker.llen("hashlake") == 0  # held by a node that is gone
-    assert not store.exists(s.index_bucket, codes_key)
+    assert lake_rows(s, "codes") == []
 
     time.sleep(max(0.0, delivered_at + visibility_s + 0.5 - time.time()))
     second = Worker(s, tmp_path, "w4", env=env)
     try:
-        wait_for_object(store, s.index_bucket, codes_key, second)
-        assert sorted(r["key"] for r in rows(store, s.index_bucket, codes_key)) == sorted(o.key for o in batch.objects)
+        codes = wait_for_rows(s, "codes", len(batch.objects), second)
+        assert sorted(r["key"] for r in codes) == sorted(o.key for o in batch.objects)
         assert broker.hlen("unacked") == 0
     finally:
         second.stop()
@@ -300,10 +298,6 @@ def _poster_png(width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
-def all_rows(store, bucket, prefix) -> list[dict]:
-    return [r for o in store.list(bucket, prefix) for r in rows(store, bucket, o.key)]
-
-
 def ledger_keys(settings) -> list[bytes]:
     return redis.Redis.from_url(settings.redis_url).keys("hashlake:deliveries:*")
 
@@ -323,7 +317,7 @@ def test_an_image_that_exhausts_the_workers_memory_is_isolated_and_recorded(wset
     try:
         warm = Batch("encode", tuple(upload_cifar(store, s.images_bucket, cifar_jpegs, 60, 2)))
         send(s, ENCODE_TASK, warm)  # the child's first forward and shard write happen before it is measured
-        wait_for_object(store, s.index_bucket, shards.codes_path(model_card.version, warm.batch_id), worker)
+        wait_for_rows(s, "codes", len(warm.objects), worker)
         [child] = worker.child_pids()
         # The cap: what a warm child uses, plus 48 MB. The PNG needs 160 MB more; the CIFAR images a few.
         # Children forked later (one per death) inherit the main process's cap.
@@ -340,17 +334,14 @@ def test_an_image_that_exhausts_the_workers_memory_is_isolated_and_recorded(wset
         # inherit it) ends such a delivery, which counts as a death too, instead of production's 600 s.
         send(s, ENCODE_TASK, batch, time_limit=20)
 
-        failures_prefix = f"{shards.FAILURES_PREFIX}{model_card.version}/"
-        wait_until(lambda: list(store.list(s.index_bucket, failures_prefix)), 180, "the poison's failure row",
-                   worker.service.proc, worker.log)
-        [failure] = all_rows(store, s.index_bucket, failures_prefix)
+        [failure] = wait_for_rows(s, "failures", 1, worker, timeout_s=180)
         assert (failure["key"], failure["etag"], failure["reason"]) == ("posters/huge.png", poster_etag,
                                                                         "crashed_worker")
         assert "killed the worker process 6 times" in failure["detail"]  # whole batch, half, alone: 2 each
         # The node's view of the last death, noted by its main process, and the child's own when it had one.
         assert "exitcode 12" in failure["detail"] or "hard time limit" in failure["detail"]
         good_keys = sorted(r.key for r in warm.objects + tuple(good))
-        wait_until(lambda: sorted({r["key"] for r in all_rows(store, s.index_bucket, shards.CODES_PREFIX)}) == good_keys,
+        wait_until(lambda: sorted({r["key"] for r in lake_rows(s, "codes")}) == good_keys,
                    60, "every other image indexed", worker.service.proc, worker.log)
 
         broker = redis.Redis.from_url(s.redis_url)
@@ -380,10 +371,10 @@ def test_a_batch_whose_worker_is_killed_twice_is_split_and_loses_nothing(wsettin
             [child] = worker.child_pids()
             os.kill(child, signal.SIGKILL)
         keys = sorted(o.key for o in batch.objects)
-        wait_until(lambda: sorted(r["key"] for r in all_rows(store, s.index_bucket, shards.CODES_PREFIX)) == keys,
+        wait_until(lambda: sorted(r["key"] for r in lake_rows(s, "codes")) == keys,
                    90, "both halves indexed", worker.service.proc, worker.log)
-        assert not store.exists(s.index_bucket, shards.codes_path(model_card.version, batch.batch_id))
-        assert list(store.list(s.index_bucket, shards.FAILURES_PREFIX)) == []
+        assert batch.batch_id not in {r["batch_id"] for r in lake_rows(s, "codes")}  # written by the halves
+        assert lake_rows(s, "failures") == []
         split = next(line for line in worker.text().splitlines() if "split into" in line)
         assert f"batch {batch.batch_id} of 6 objects killed the worker process 2 times" in split
         assert "signal 9 (SIGKILL)" in split
@@ -401,9 +392,7 @@ def test_a_batch_that_never_finishes_is_killed_at_the_time_limit_requeued_and_re
     worker = Worker(s, tmp_path, "w7", env={TEST_INFER_DELAY_ENV: "30"})
     try:
         send(s, ENCODE_TASK, batch, time_limit=3)  # the message's own hard limit, under the app's 600 s
-        failures_key = shards.failures_path(model_card.version, batch.batch_id)
-        wait_for_object(store, s.index_bucket, failures_key, worker, timeout_s=60)
-        [row] = rows(store, s.index_bucket, failures_key)
+        [row] = wait_for_rows(s, "failures", 1, worker, timeout_s=60)
         assert row["reason"] == "crashed_worker" and "hard time limit of 3" in row["detail"]
         assert worker.text().count("Hard time limit (3") == 2
         broker = redis.Redis.from_url(s.redis_url)
