@@ -1,13 +1,16 @@
 """The local stack end to end, as `make demo` runs it, one test per way an image gets in.
 
-One stack (redis-server, moto_server, intake, a Celery worker, Prometheus) for the module. Its
+One stack (redis-server, moto_server, PostgreSQL, intake, a Celery worker, Prometheus) for the module. Its
 reconciler runs once at start-up and then only on demand, so each test shows that its own event
 source — MinIO webhook, MinIO Redis list, reconciler — is what indexed its images.
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import redis
@@ -26,12 +29,17 @@ INDEX_TIMEOUT_S = 240
 
 
 @pytest.fixture(scope="module")
-def running(tmp_path_factory):
-    base = Settings(stack_dir=tmp_path_factory.mktemp("stack"))
+def running():
+    # Not under pytest's 0700 tmp folders: run as root, the stack's PostgreSQL runs as the postgres
+    # system user, which must be able to enter the stack folder.
+    root = Path(tempfile.mkdtemp(prefix="hashlake-test-stack-"))
+    root.chmod(0o755)
+    base = Settings(stack_dir=root)
     settings = stack.up(base, stack.StackOptions(workers=1, prometheus=True, reconcile_interval_s=3600),
                         log=lambda *_: None)
     yield base, settings
     stack.down(base, log=lambda *_: None)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +84,7 @@ def indexed(con, keys) -> dict[str, str]:
 def test_stack_status_and_single_instance(running):
     base, _ = running
     rows = stack.status(base)
-    assert {r.name for r, _ in rows} == {"redis", "s3", "intake", "worker0", "prometheus"}
+    assert {r.name for r, _ in rows} == {"redis", "s3", "postgres", "intake", "worker0", "prometheus"}
     assert [r.name for r, healthy in rows if not healthy] == []
     with pytest.raises(Exception, match="already running"):
         stack.up(base, log=lambda *_: None)
