@@ -1,10 +1,10 @@
 """Ingest throughput and PUT-to-queryable latency of the local stack, beside the bare model forward.
 
-Starts a private stack (redis-server, moto_server, intake, Celery workers) in a temporary
+Starts a private stack (redis-server, moto_server, PostgreSQL, intake, Celery workers) in a temporary
 folder and measures in the same run:
 
   (a) pipeline throughput: N images PUT as fast as possible, from the first PUT until every row
-      is in a shard (shards are what the SQL layer reads, so "in a shard" = queryable);
+      is committed to the lake (what the SQL layer reads, so "committed" = queryable);
   (b) the bare forward throughput of the same model version, batch size and torch thread count,
       on already-decoded tensors (no I/O, no decode);
   (c) PUT-to-queryable latency, uploading at a steady rate (default 20 images/s).
@@ -47,7 +47,7 @@ from hashlake import stack  # noqa: E402
 from hashlake.catalog import Catalog  # noqa: E402
 from hashlake.config import Settings  # noqa: E402
 from hashlake.datasets import SAMPLE, iter_images  # noqa: E402
-from hashlake.shards import CODES_PREFIX, read_parquet_bytes  # noqa: E402
+from hashlake.index.lake_source import LakeSource  # noqa: E402
 from hashlake.store import ObjectStore  # noqa: E402
 from hashlake.upload import upload_one  # noqa: E402
 from workers.intake.events import minio_record, webhook_body  # noqa: E402
@@ -130,29 +130,26 @@ class CpuMeter:
         return ", ".join(f"{name} {after[name] - before[name]:.1f}" for name in after)
 
 
-class ShardWatcher(threading.Thread):
-    """Lists codes/<version>/ every 100 ms and records when each (key, etag) first appears."""
+class LakeWatcher(threading.Thread):
+    """Reads the lake's change feed every 100 ms and records when each (key, etag) is first committed."""
 
     def __init__(self, settings: Settings, version: str):
         super().__init__(daemon=True)
-        self.store = ObjectStore(settings)
-        self.bucket = settings.index_bucket
-        self.prefix = f"{CODES_PREFIX}{version}/"
+        self.source = LakeSource(settings)
+        self.version = version
         self.seen_at: dict[tuple[str, str], float] = {}
-        self.read_shards: set[tuple[str, str]] = set()
         self.stop_flag = threading.Event()
 
     def run(self) -> None:
+        at = self.source.current_snapshot()
         while not self.stop_flag.is_set():
-            for obj in self.store.list(self.bucket, self.prefix):
-                if (obj.key, obj.etag) in self.read_shards:
-                    continue
+            now_at = self.source.current_snapshot()
+            if now_at != at:
                 now = time.time()
-                body, _ = self.store.get(self.bucket, obj.key)
-                self.read_shards.add((obj.key, obj.etag))
-                table = read_parquet_bytes(body).select(["key", "etag"])
-                for key, etag in zip(table["key"].to_pylist(), table["etag"].to_pylist()):
+                codes, _ = self.source.changes(self.version, at, now_at)
+                for key, etag in zip(codes["key"].to_pylist(), codes["etag"].to_pylist()):
                     self.seen_at.setdefault((key, etag), now)
+                at = now_at
             time.sleep(0.1)
 
     def wait_for(self, wanted: set[tuple[str, str]], timeout_s: float) -> float:
@@ -211,13 +208,14 @@ def main() -> None:
     throughput_set, latency_set = images[:args.images], images[args.images:]
 
     with tempfile.TemporaryDirectory(prefix="hashlake-bench-") as tmp:
+        Path(tmp).chmod(0o755)  # run as root, the stack's PostgreSQL (the postgres user) must enter it
         base = Settings(stack_dir=Path(tmp), reconcile_interval_s=3600)
         options = stack.StackOptions(workers=args.workers, pool_processes=args.processes, torch_threads=args.threads,
                                      prometheus=False, reconcile_interval_s=3600)
         settings = stack.up(base, options, log=print)
         try:
             version = Catalog(ObjectStore(settings), settings).active()
-            watcher = ShardWatcher(settings, version)
+            watcher = LakeWatcher(settings, version)
             watcher.start()
             uploader = Uploader(settings)
             from concurrent.futures import ThreadPoolExecutor
