@@ -86,6 +86,7 @@ typedef struct {
 	const double *radius_profile; /* (bits + 1,) cumulative fraction of pairs within each radius, or NULL */
 	hl_int64s size, last_modified, encoded_at; /* times: µs since the epoch, UTC */
 	hl_string_lists labels;
+	const uint32_t *tie_rank; /* (rows,) each row's position in the segment's (bucket, key) order, or NULL */
 } hl_segment;
 
 typedef struct hl_snapshot {
@@ -309,10 +310,23 @@ static inline int32_t distance(const uint8_t *code, const uint8_t *query, int co
 	return d;
 }
 
-/* A flat scan of rows [begin, end) of one segment keeping every visible row with distance <= *limit.
- * For k-NN (k > 0) the limit shrinks as rows are found: once k kept rows lie strictly below it, rows
- * at the limit can no longer be among the first k, and the limit drops. `counts` (bits + 2,) counts
- * kept rows by distance. For a radius query (k == 0) the limit stays. */
+/* A flat scan of rows [begin, end) of one segment keeping every visible row that can be in the answer.
+ * A radius query (k == 0) keeps every visible row with distance <= limit. For k-NN (k > 0) the limit
+ * shrinks as rows are found: once k kept rows lie strictly below it, rows at the limit can no longer
+ * be among the first k, and the limit drops. `counts` (bits + 2,) counts kept rows by distance.
+ *
+ * Rows at the limit itself (ties) are many when codes repeat: a million identical codes all sit at
+ * one distance. They wait in `ties` (this segment's rows at the limit with their tie rank, the row's
+ * position in the segment's (bucket, key) order); when it holds twice the rows still needed
+ * (k - below), a selection on the ranks keeps the needed ones and `tie_rank` becomes the largest
+ * rank kept: a later row of this segment at the limit with a larger rank has at least k rows before
+ * it in the tie rule, so the kernels drop it with one integer compare. Each selection halves the
+ * buffer, so a segment costs O(rows) however many ties it holds, and hands at most k rows on. */
+typedef struct {
+	int64_t row;
+	uint32_t rank;
+} hl_tie;
+
 typedef struct {
 	const hl_segment *seg;
 	int32_t segment;
@@ -324,24 +338,127 @@ typedef struct {
 	int64_t *counts;
 	int64_t below; /* kept rows with distance < limit */
 	hl_hits *hits;
+	const uint32_t *rank; /* the segment's tie ranks; NULL: ties go straight to hits */
+	uint32_t tie_rank;    /* rows at the limit ranked above this cannot be in the answer */
+	hl_tie *ties;         /* this segment's candidate rows at the limit (k-NN with ranks) */
+	int64_t n_ties, ties_capacity;
 } hl_scan;
 
-static inline void scan_keep(hl_scan *sc, int64_t row, int32_t d) {
-	if (d > sc->limit || (sc->seg->n_hidden && is_hidden(sc->seg, row))) {
+/* whether a row at distance d passes the limit and, at the limit, the tie rank */
+static inline int scan_candidate(const hl_scan *sc, int64_t row, int32_t d) {
+	return d < sc->limit || (d == sc->limit && (!sc->rank || sc->rank[row] <= sc->tie_rank));
+}
+
+/* move the `need` lowest-ranked ties to the front (quickselect; ranks within a segment are distinct) */
+static void select_ties(hl_tie *t, int64_t n, int64_t need) {
+	int64_t lo = 0, hi = n - 1;
+	uint64_t state = 0x9E3779B97F4A7C15ull ^ (uint64_t)n;
+	while (lo < hi) {
+		state ^= state << 13, state ^= state >> 7, state ^= state << 17;
+		uint32_t pivot = t[lo + (int64_t)(state % (uint64_t)(hi - lo + 1))].rank;
+		int64_t i = lo, j = hi;
+		while (i <= j) {
+			while (t[i].rank < pivot) {
+				i++;
+			}
+			while (t[j].rank > pivot) {
+				j--;
+			}
+			if (i <= j) {
+				hl_tie x = t[i];
+				t[i++] = t[j];
+				t[j--] = x;
+			}
+		}
+		if (need - 1 <= j) {
+			hi = j;
+		} else if (need - 1 >= i) {
+			lo = i;
+		} else {
+			return;
+		}
+	}
+}
+
+/* keep only the ties that can still be in the answer */
+static void trim_ties(hl_scan *sc) {
+	int64_t need = sc->k - sc->below;
+	if (sc->n_ties > need) {
+		select_ties(sc->ties, sc->n_ties, need);
+		sc->n_ties = need;
+		uint32_t top = 0;
+		for (int64_t i = 0; i < need; i++) {
+			top = sc->ties[i].rank > top ? sc->ties[i].rank : top;
+		}
+		sc->tie_rank = top;
+	}
+}
+
+static void drop_ties(hl_scan *sc) {
+	sc->n_ties = 0;
+	sc->tie_rank = UINT32_MAX;
+}
+
+/* Start and end a segment's scan (its rows may come in several ranges): ties wait per segment. */
+static void scan_segment_begin(hl_scan *sc, const hl_segment *seg, int32_t segment) {
+	sc->seg = seg;
+	sc->segment = segment;
+	sc->rank = sc->k > 0 ? seg->tie_rank : NULL;
+	drop_ties(sc);
+}
+
+static void scan_segment_end(hl_scan *sc) {
+	trim_ties(sc);
+	for (int64_t i = 0; i < sc->n_ties; i++) {
+		hits_push(sc->hits, sc->segment, sc->ties[i].row, sc->limit);
+	}
+	drop_ties(sc);
+}
+
+static void scan_free(hl_scan *sc) {
+	free(sc->ties);
+	sc->ties = NULL;
+	sc->ties_capacity = 0;
+}
+
+static void scan_keep(hl_scan *sc, int64_t row, int32_t d) {
+	if (!scan_candidate(sc, row, d) || (sc->seg->n_hidden && is_hidden(sc->seg, row))) {
 		return;
 	}
-	hits_push(sc->hits, sc->segment, row, d);
 	if (!sc->k) {
+		hits_push(sc->hits, sc->segment, row, d);
 		return;
 	}
 	sc->counts[d]++;
+	if (d == sc->limit && sc->rank) {
+		if (sc->n_ties == sc->ties_capacity) {
+			int64_t cap = sc->ties_capacity ? sc->ties_capacity * 2 : 64;
+			hl_tie *grown = realloc(sc->ties, cap * sizeof(hl_tie));
+			if (!grown) {
+				sc->hits->failed = 1;
+				return;
+			}
+			sc->ties = grown;
+			sc->ties_capacity = cap;
+		}
+		sc->ties[sc->n_ties++] = (hl_tie) {row, sc->rank[row]};
+		if (sc->n_ties >= 2 * (sc->k - sc->below) && sc->n_ties >= 32) {
+			trim_ties(sc);
+		}
+		return;
+	}
+	hits_push(sc->hits, sc->segment, row, d);
 	if (d < sc->limit) {
 		sc->below++;
 	}
+	int32_t was = sc->limit;
 	while (sc->limit > 0 && sc->below >= sc->k) {
 		/* the rows at the limit drop out; those just below it become the new limit's rows */
 		sc->limit--;
 		sc->below -= sc->counts[sc->limit];
+	}
+	if (sc->limit != was) {
+		drop_ties(sc); /* they were at the old limit */
 	}
 }
 
@@ -352,7 +469,7 @@ static void scan_scalar(hl_scan *sc) {
 		uint64_t q = load_word(sc->query, 8);
 		for (int64_t r = sc->begin; r < sc->end; r++) {
 			int32_t d = __builtin_popcountll(load_word(codes + r * 8, 8) ^ q);
-			if (d <= sc->limit) {
+			if (d <= sc->limit && scan_candidate(sc, r, d)) {
 				scan_keep(sc, r, d);
 			}
 		}
@@ -367,7 +484,7 @@ static void scan_scalar(hl_scan *sc) {
 			if (cb == 32) {
 				d += __builtin_popcountll(load_word(c + 16, 8) ^ q[2]) + __builtin_popcountll(load_word(c + 24, 8) ^ q[3]);
 			}
-			if (d <= sc->limit) {
+			if (d <= sc->limit && scan_candidate(sc, r, d)) {
 				scan_keep(sc, r, d);
 			}
 		}
@@ -375,15 +492,34 @@ static void scan_scalar(hl_scan *sc) {
 	}
 	for (int64_t r = sc->begin; r < sc->end; r++) {
 		int32_t d = distance(codes + r * cb, sc->query, cb);
-		if (d <= sc->limit) {
+		if (d <= sc->limit && scan_candidate(sc, r, d)) {
 			scan_keep(sc, r, d);
 		}
 	}
 }
 
+/* the rest of a range after the vector loop, on the scalar kernel */
+static void scan_tail(hl_scan *sc, int64_t from) {
+	int64_t begin = sc->begin;
+	sc->begin = from;
+	scan_scalar(sc);
+	sc->begin = begin;
+}
+
 #if defined(__x86_64__)
 /* 64-bit codes, eight per 512-bit vector, 32 per iteration: rows past the limit (nearly all once the
- * limit has settled) cost one compare; the few others go through scan_keep. */
+ * limit has settled) cost one compare; rows at the limit, once ties are trimmed, one more (their
+ * tie rank); the few others go through scan_keep. */
+__attribute__((target("avx512f,avx512vpopcntdq"))) static inline __mmask8 candidates_64(const hl_scan *sc, int64_t r,
+                                                                                        __m512i d, __m512i limit) {
+	__mmask8 m = _mm512_cmple_epu64_mask(d, limit);
+	if (m && sc->rank && sc->tie_rank != UINT32_MAX) {
+		__m512i rank = _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)(sc->rank + r)));
+		m &= _mm512_cmplt_epu64_mask(d, limit) | _mm512_cmple_epu64_mask(rank, _mm512_set1_epi64(sc->tie_rank));
+	}
+	return m;
+}
+
 __attribute__((target("avx512f,avx512vpopcntdq"))) static void scan_avx512_64(hl_scan *sc) {
 	const uint64_t *codes = (const uint64_t *)sc->seg->codes;
 	__m512i q = _mm512_set1_epi64((long long)load_word(sc->query, 8));
@@ -396,6 +532,10 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) static void scan_avx512_64(hl
 		__m512i d3 = _mm512_popcnt_epi64(_mm512_xor_si512(_mm512_loadu_si512(codes + r + 24), q));
 		__mmask8 m0 = _mm512_cmple_epu64_mask(d0, limit), m1 = _mm512_cmple_epu64_mask(d1, limit);
 		__mmask8 m2 = _mm512_cmple_epu64_mask(d2, limit), m3 = _mm512_cmple_epu64_mask(d3, limit);
+		if ((m0 | m1 | m2 | m3) && sc->rank && sc->tie_rank != UINT32_MAX) {
+			m0 = candidates_64(sc, r, d0, limit), m1 = candidates_64(sc, r + 8, d1, limit);
+			m2 = candidates_64(sc, r + 16, d2, limit), m3 = candidates_64(sc, r + 24, d3, limit);
+		}
 		if (m0 | m1 | m2 | m3) {
 			uint64_t d[32];
 			_mm512_storeu_si512(d, d0);
@@ -406,18 +546,12 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) static void scan_avx512_64(hl
 			while (mask) {
 				int lane = __builtin_ctz(mask);
 				mask &= mask - 1;
-				if ((int32_t)d[lane] <= sc->limit) { /* the limit may have dropped within this block */
-					scan_keep(sc, r + lane, (int32_t)d[lane]);
-				}
+				scan_keep(sc, r + lane, (int32_t)d[lane]); /* rechecks: the limit may have dropped within this block */
 			}
 		}
 		r += 32;
 	}
-	hl_scan tail = *sc;
-	tail.begin = r;
-	scan_scalar(&tail);
-	sc->limit = tail.limit;
-	sc->below = tail.below;
+	scan_tail(sc, r);
 }
 
 
@@ -451,19 +585,13 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) static void scan_avx512_256(h
 			while (mask) {
 				int bit = __builtin_ctz(mask);
 				mask &= mask - 1;
-				int32_t dist = (int32_t)lanes[bit];
-				if (dist <= sc->limit) { /* the limit may have dropped within this block */
-					scan_keep(sc, r + 2 * (bit / 8) + (bit % 8) / 4, dist);
-				}
+				/* scan_keep rechecks: the limit may have dropped within this block */
+				scan_keep(sc, r + 2 * (bit / 8) + (bit % 8) / 4, (int32_t)lanes[bit]);
 			}
 		}
 		r += 8;
 	}
-	hl_scan tail = *sc;
-	tail.begin = r;
-	scan_scalar(&tail);
-	sc->limit = tail.limit;
-	sc->below = tail.below;
+	scan_tail(sc, r);
 }
 #endif
 
@@ -479,6 +607,161 @@ static void scan(hl_scan *sc) {
 	}
 #endif
 	scan_scalar(sc);
+}
+
+/* ---- how many threads: the cores this process may use -----------------------------------------
+ * Not the cores the machine has (_SC_NPROCESSORS_ONLN): in a container or under taskset a process
+ * gets fewer, and splitting a scan into more parts than it can run at once only adds hand-offs. The
+ * count is the smaller of the CPU affinity mask and the cgroup CPU quota (v2 cpu.max, v1
+ * cpu.cfs_quota_us / cpu.cfs_period_us, the tightest along the cgroup's ancestors), rounded up. */
+#include <sched.h>
+
+/* cpus granted by the quota file(s) of one cgroup directory, or 0 when it sets none */
+static double quota_in(const char *dir, int v2) {
+	char path[4352];
+	double cpus = 0;
+	if (v2) {
+		snprintf(path, sizeof(path), "%s/cpu.max", dir);
+		FILE *f = fopen(path, "r");
+		if (f) {
+			char quota[32];
+			double period;
+			if (fscanf(f, "%31s %lf", quota, &period) == 2 && strcmp(quota, "max") != 0 && period > 0) {
+				cpus = atof(quota) / period;
+			}
+			fclose(f);
+		}
+		return cpus;
+	}
+	long long quota = -1, period = 0;
+	snprintf(path, sizeof(path), "%s/cpu.cfs_quota_us", dir);
+	FILE *f = fopen(path, "r");
+	if (f) {
+		if (fscanf(f, "%lld", &quota) != 1) {
+			quota = -1;
+		}
+		fclose(f);
+	}
+	snprintf(path, sizeof(path), "%s/cpu.cfs_period_us", dir);
+	f = fopen(path, "r");
+	if (f) {
+		if (fscanf(f, "%lld", &period) != 1) {
+			period = 0;
+		}
+		fclose(f);
+	}
+	return quota > 0 && period > 0 ? (double)quota / (double)period : 0;
+}
+
+/* whether a comma-separated option list holds `name` as one of its items */
+static int has_option(const char *list, const char *name) {
+	size_t n = strlen(name);
+	for (const char *p = list; p && *p;) {
+		const char *end = strchr(p, ',');
+		size_t len = end ? (size_t)(end - p) : strlen(p);
+		if (len == n && strncmp(p, name, n) == 0) {
+			return 1;
+		}
+		p = end ? end + 1 : NULL;
+	}
+	return 0;
+}
+
+/* The tightest quota (in cpus) over the cgroup of this process and its ancestors, v2 and v1 alike;
+ * 0 when none is set. `root` prefixes every path read ("" for the real files; a test's fake tree). */
+__attribute__((visibility("default"))) double hashlake_cgroup_cpus(const char *root) {
+	char path[4096], line[4096];
+	char v2_path[2048] = "", v1_path[2048] = "";
+	int has_v2 = 0, has_v1 = 0;
+	snprintf(path, sizeof(path), "%s/proc/self/cgroup", root);
+	FILE *f = fopen(path, "r");
+	if (!f) {
+		return 0;
+	}
+	while (fgets(line, sizeof(line), f)) { /* "id:controllers:path" */
+		line[strcspn(line, "\n")] = 0;
+		char *first = strchr(line, ':'), *second = first ? strchr(first + 1, ':') : NULL;
+		if (!second) {
+			continue;
+		}
+		*second = 0;
+		if (strcmp(line, "0:") == 0) { /* v2: "0::path" */
+			snprintf(v2_path, sizeof(v2_path), "%s", second + 1);
+			has_v2 = 1;
+		} else if (has_option(first + 1, "cpu")) {
+			snprintf(v1_path, sizeof(v1_path), "%s", second + 1);
+			has_v1 = 1;
+		}
+	}
+	fclose(f);
+	snprintf(path, sizeof(path), "%s/proc/self/mountinfo", root);
+	f = fopen(path, "r");
+	if (!f) {
+		return 0;
+	}
+	double best = 0;
+	while (fgets(line, sizeof(line), f)) {
+		/* "id parent major:minor root mountpoint options [optional...] - fstype source superoptions" */
+		char mount_root[1024], mount_point[1024], fstype[64], source[256], super[1024] = "";
+		const char *dash = strstr(line, " - ");
+		if (!dash || sscanf(line, "%*s %*s %*s %1023s %1023s", mount_root, mount_point) != 2 ||
+		    sscanf(dash + 3, "%63s %255s %1023s", fstype, source, super) < 2) {
+			continue;
+		}
+		int v2 = strcmp(fstype, "cgroup2") == 0;
+		if (!(v2 ? has_v2 : strcmp(fstype, "cgroup") == 0 && has_v1 && has_option(super, "cpu"))) {
+			continue;
+		}
+		/* the cgroup's directory: its path relative to the mount's root, under the mount point */
+		const char *cg = v2 ? v2_path : v1_path;
+		size_t root_len = strcmp(mount_root, "/") == 0 ? 0 : strlen(mount_root);
+		if (root_len && strncmp(cg, mount_root, root_len) != 0) {
+			continue; /* this process's cgroup lies outside what is mounted here */
+		}
+		char dir[4096];
+		snprintf(dir, sizeof(dir), "%s%s%s", root, mount_point, cg + root_len);
+		size_t floor = strlen(root) + strlen(mount_point);
+		for (;;) { /* the cgroup, then each ancestor up to the mount point */
+			double cpus = quota_in(dir, v2);
+			if (cpus > 0 && (best == 0 || cpus < best)) {
+				best = cpus;
+			}
+			char *slash = strrchr(dir, '/');
+			if (!slash || (size_t)(slash - dir) < floor) {
+				break;
+			}
+			*slash = 0;
+		}
+	}
+	fclose(f);
+	return best;
+}
+
+static int cpu_count = 1;
+static pthread_once_t cpu_count_once = PTHREAD_ONCE_INIT;
+
+static void count_cpus(void) {
+	int cpus = 0;
+	cpu_set_t set;
+	if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+		cpus = CPU_COUNT(&set);
+	}
+	if (cpus < 1) {
+		long online = sysconf(_SC_NPROCESSORS_ONLN);
+		cpus = online < 1 ? 1 : (int)online;
+	}
+	double quota = hashlake_cgroup_cpus("");
+	if (quota > 0 && quota < cpus) {
+		int granted = (int)quota;
+		cpus = granted < quota ? granted + 1 : granted; /* 1.5 cpus: two threads, each busy 3/4 of the time */
+	}
+	cpu_count = cpus < 1 ? 1 : cpus > HL_MAX_THREADS ? HL_MAX_THREADS : cpus;
+}
+
+/* threads a query's scan and a report are split over */
+__attribute__((visibility("default"))) int32_t hashlake_threads(void) {
+	pthread_once(&cpu_count_once, count_cpus);
+	return cpu_count;
 }
 
 /* ---- a pool of threads that never makes the caller wait for one to start -------------------------
@@ -504,13 +787,19 @@ static pthread_cond_t pool_work = PTHREAD_COND_INITIALIZER;
 static hl_job *pool_queue = NULL;
 static atomic_int pool_queued; /* jobs queued: read without the lock while spinning */
 
-/* Waking a sleeping thread took ~50-100 us here, a fifth of a million-code scan; so a thread about
- * to sleep (a pool thread without work, a caller waiting for its last parts) first spins this long,
- * which catches back-to-back queries and the last parts of a scan. A query from Python comes every
- * ~0.5-1 ms in a loop: at 0.2 ms of spin the pool thread was asleep for most (1M 256-bit codes: scan
- * 0.65-0.82 ms, ratio to faiss 0.96/0.65/0.90 in three runs; at 3 ms 0.46-0.77 ms, 0.78/0.64/0.82).
- * An idle pool thread burns at most this much of one core after the last query. */
+/* Waking a sleeping thread took ~50-100 us here, a fifth of a million-code scan. A query from Python
+ * comes every ~0.5-1 ms in a loop: a pool thread that sleeps between them pays that wake on every
+ * query (at 0.2 ms of spin it was asleep for most: 1M 256-bit codes, scan 0.65-0.82 ms, ratio to
+ * faiss 0.96/0.65/0.90 in three runs; at 3 ms of spin 0.46-0.77 ms, 0.78/0.64/0.82). So a pool
+ * thread that has just worked on a job spins SPIN_NS for the next one, but only while jobs come
+ * back to back (the last two arrived less than SPIN_NS apart); after a lone query it spins only
+ * SPIN_BRIEF_NS (which still catches the next chunk of a batch), and a thread woken for a job that
+ * others have already taken goes straight back to sleep. When no query comes, nothing spins: the
+ * most a stream of queries leaves behind is SPIN_NS of one core per pool thread after its last one.
+ * A caller waiting for the last parts of its own job spins SPIN_BRIEF_NS before sleeping: a part
+ * takes ~10-50 us, and on a loaded machine a longer spin would hold the core the part needs. */
 #define SPIN_NS 3000000.0
+#define SPIN_BRIEF_NS 100000.0
 
 static double now_ns(void) {
 	struct timespec ts;
@@ -524,7 +813,9 @@ static void cpu_relax(void) {
 #endif
 }
 static int pool_threads = 0; /* started so far */
-static int cpu_count = 1;
+static _Atomic double last_job_ns = -1e18; /* when the last job was queued */
+static _Atomic double job_gap_ns = 1e18;   /* between the last two jobs */
+static atomic_llong spin_rounds;           /* spins started by pool threads: for tests of idleness */
 
 static void job_release(hl_job *job) {
 	if (atomic_fetch_sub(&job->refs, 1) == 1) {
@@ -534,14 +825,16 @@ static void job_release(hl_job *job) {
 	}
 }
 
-/* claim and run tasks until none is left */
-static void job_work(hl_job *job) {
+/* claim and run tasks until none is left; returns how many this thread ran */
+static int64_t job_work(hl_job *job) {
+	int64_t ran = 0;
 	for (;;) {
 		int64_t task = atomic_fetch_add(&job->next, 1);
 		if (task >= job->tasks) {
-			return;
+			return ran;
 		}
 		job->run(job->ctx, task);
+		ran++;
 		if (atomic_fetch_add(&job->done, 1) + 1 == job->tasks) {
 			pthread_mutex_lock(&job->lock);
 			pthread_cond_broadcast(&job->finished);
@@ -552,15 +845,19 @@ static void job_work(hl_job *job) {
 
 static void *pool_thread(void *arg) {
 	(void)arg;
+	int worked = 0; /* whether this thread ran a task since it last slept */
 	pthread_mutex_lock(&pool_lock);
 	for (;;) {
-		if (!pool_queue) {
+		if (!pool_queue && worked) {
+			double window = atomic_load(&job_gap_ns) < SPIN_NS ? SPIN_NS : SPIN_BRIEF_NS;
 			pthread_mutex_unlock(&pool_lock);
-			for (double until = now_ns() + SPIN_NS; !atomic_load(&pool_queued) && now_ns() < until;) {
+			atomic_fetch_add(&spin_rounds, 1);
+			for (double until = now_ns() + window; !atomic_load(&pool_queued) && now_ns() < until;) {
 				cpu_relax();
 			}
 			pthread_mutex_lock(&pool_lock);
 		}
+		worked = 0;
 		while (!pool_queue) {
 			pthread_cond_wait(&pool_work, &pool_lock);
 		}
@@ -572,16 +869,22 @@ static void *pool_thread(void *arg) {
 		}
 		atomic_fetch_add(&job->refs, 1);
 		pthread_mutex_unlock(&pool_lock);
-		job_work(job);
+		worked = job_work(job) > 0;
 		job_release(job);
 		pthread_mutex_lock(&pool_lock);
 	}
 	return NULL;
 }
 
+/* Python side, for tests: how many spins pool threads have started (a pool at rest starts none). */
+__attribute__((visibility("default"))) int64_t hashlake_pool_spins(void) {
+	return atomic_load(&spin_rounds);
+}
+
 /* Run tasks 0..tasks-1 of `run` on the caller and the pool; returns when every task has finished. */
 static void pool_run(void (*run)(void *, int64_t), void *ctx, int64_t tasks) {
-	hl_job *job = tasks > 1 && cpu_count > 1 ? calloc(1, sizeof(hl_job)) : NULL;
+	int threads = hashlake_threads();
+	hl_job *job = tasks > 1 && threads > 1 ? calloc(1, sizeof(hl_job)) : NULL;
 	if (!job) { /* one task, one core, or no memory: all here */
 		for (int64_t t = 0; t < tasks; t++) {
 			run(ctx, t);
@@ -594,8 +897,10 @@ static void pool_run(void (*run)(void *, int64_t), void *ctx, int64_t tasks) {
 	atomic_init(&job->refs, 1);
 	pthread_mutex_init(&job->lock, NULL);
 	pthread_cond_init(&job->finished, NULL);
+	double now = now_ns();
+	atomic_store(&job_gap_ns, now - atomic_exchange(&last_job_ns, now));
 	pthread_mutex_lock(&pool_lock);
-	while (pool_threads < cpu_count - 1) {
+	while (pool_threads < threads - 1) {
 		pthread_t tid;
 		if (pthread_create(&tid, NULL, pool_thread, NULL) != 0) {
 			break; /* fewer helpers: the caller does more of the work */
@@ -609,10 +914,13 @@ static void pool_run(void (*run)(void *, int64_t), void *ctx, int64_t tasks) {
 	}
 	*tail = job;
 	atomic_fetch_add(&pool_queued, 1);
-	pthread_cond_broadcast(&pool_work);
+	/* wake no more sleepers than there are tasks besides the caller's own */
+	for (int64_t woken = 0; woken < tasks - 1 && woken < pool_threads; woken++) {
+		pthread_cond_signal(&pool_work);
+	}
 	pthread_mutex_unlock(&pool_lock);
 	job_work(job);
-	for (double until = now_ns() + SPIN_NS; atomic_load(&job->done) < job->tasks && now_ns() < until;) {
+	for (double until = now_ns() + SPIN_BRIEF_NS; atomic_load(&job->done) < job->tasks && now_ns() < until;) {
 		cpu_relax();
 	}
 	pthread_mutex_lock(&job->lock);
@@ -631,7 +939,6 @@ static void pool_run(void (*run)(void *, int64_t), void *ctx, int64_t tasks) {
 	pthread_mutex_unlock(&pool_lock);
 	job_release(job);
 }
-
 /* ---- flat search over a snapshot, split into row ranges --------------------------------------- */
 typedef struct {
 	const hl_snapshot *snap;
@@ -658,14 +965,15 @@ static void run_part(void *ctx, int64_t part) {
 		begin = begin < 0 ? 0 : begin;
 		end = end > seg->rows ? seg->rows : end;
 		if (begin < end) {
-			sc.seg = seg;
-			sc.segment = s;
+			scan_segment_begin(&sc, seg, s);
 			sc.begin = begin;
 			sc.end = end;
 			scan(&sc);
+			scan_segment_end(&sc);
 		}
 		base += seg->rows;
 	}
+	scan_free(&sc);
 }
 
 static int64_t total_rows(const hl_snapshot *snap) {
@@ -800,6 +1108,7 @@ typedef struct {
 	int shells[64][HL_MAX_TABLES]; /* per segment and table: the largest shell probed (-1: none) */
 	hl_seen seen[64];
 	hl_hits found; /* every verified visible row */
+	int64_t candidates, max_candidates; /* rows looked at so far, and the most k-NN may look at */
 } hl_probe;
 
 #define MIH_MAX_SEGMENTS 64
@@ -814,16 +1123,26 @@ static double probe_cost(const hl_probe *pr, int radius) {
 		for (int t = 0; t < seg->tables; t++) {
 			double per_bucket = (double)seg->rows / (double)(1ull << seg->key_bits[t]);
 			for (int shell = pr->shells[s][t] + 1; shell <= shell_limit(seg, t, radius); shell++) {
-				cost += binomial(seg->key_bits[t], shell) * (PROBE_NS + CANDIDATE_NS * per_bucket);
+				/* the query's own bucket is known exactly: repeated codes make it hold most rows */
+				const int32_t *offsets = seg->table_offsets[t];
+				uint64_t key = pr->keys[s][t];
+				double candidates = shell == 0 ? (double)(offsets[key + 1] - offsets[key])
+				                               : binomial(seg->key_bits[t], shell) * per_bucket;
+				cost += binomial(seg->key_bits[t], shell) * PROBE_NS + CANDIDATE_NS * candidates;
 			}
 		}
 	}
 	return cost;
 }
 
+/* 0 ok, 1 over the candidate budget (k-NN then scans instead), -1 out of memory */
 static int probe_bucket(hl_probe *pr, int32_t s, int t, uint64_t key) {
 	const hl_segment *seg = &pr->snap->segments[s];
 	const int32_t *offsets = seg->table_offsets[t];
+	pr->candidates += offsets[key + 1] - offsets[key];
+	if (pr->candidates > pr->max_candidates) {
+		return 1;
+	}
 	for (int32_t i = offsets[key]; i < offsets[key + 1]; i++) {
 		int64_t row = seg->table_rows[t][i];
 		int added = seen_add(&pr->seen[s], row);
@@ -855,8 +1174,9 @@ static int probe_shell(hl_probe *pr, int32_t s, int t, int shell) {
 		for (int i = 0; i < shell; i++) {
 			mask |= 1ull << pos[i];
 		}
-		if (probe_bucket(pr, s, t, key ^ mask) < 0) {
-			return -1;
+		int status = probe_bucket(pr, s, t, key ^ mask);
+		if (status) {
+			return status;
 		}
 		int i = shell - 1;
 		while (i >= 0 && pos[i] == bits - shell + i) {
@@ -874,6 +1194,7 @@ static int probe_shell(hl_probe *pr, int32_t s, int t, int shell) {
 
 static int probe_start(hl_probe *pr, const hl_snapshot *snap, const uint8_t *query) {
 	memset(pr, 0, sizeof(*pr));
+	pr->max_candidates = INT64_MAX;
 	pr->snap = snap;
 	pr->query = query;
 	for (int32_t s = 0; s < snap->n_segments; s++) {
@@ -900,8 +1221,9 @@ static int probe_extend(hl_probe *pr, int radius) {
 			int limit = shell_limit(seg, t, radius);
 			while (pr->shells[s][t] < limit) {
 				pr->shells[s][t]++;
-				if (probe_shell(pr, s, t, pr->shells[s][t]) < 0) {
-					return -1;
+				int status = probe_shell(pr, s, t, pr->shells[s][t]);
+				if (status) {
+					return status;
 				}
 			}
 		}
@@ -976,13 +1298,17 @@ static int mih_knn(const hl_snapshot *snap, const uint8_t *query, int64_t k, int
 	} else if (probe_cost(pr, expected_radius(snap, k)) > budget) {
 		budget *= MIH_QUICK_BUDGET / MIH_BUDGET;
 	}
+	if (forced_method != 1) { /* never verify more rows than the scan would cost */
+		pr->max_candidates = (int64_t)(budget / CANDIDATE_NS);
+	}
 	int bits = snap->code_bytes * 8, status = 0;
 	for (int radius = 0; radius <= bits; radius++) {
 		if (now_ns() - start + probe_cost(pr, radius) > budget) {
 			break;
 		}
-		if (probe_extend(pr, radius) < 0) {
-			status = -1;
+		int extended = probe_extend(pr, radius);
+		if (extended) {
+			status = extended < 0 ? -1 : 0;
 			break;
 		}
 		if (count_within(&pr->found, radius) >= k || radius == bits) {
@@ -1114,16 +1440,23 @@ static void flat_group(const hl_snapshot *snap, const uint8_t **queries, const i
 	int64_t block = BLOCK_BYTES / snap->code_bytes;
 	for (int32_t s = 0; s < snap->n_segments; s++) {
 		const hl_segment *seg = &snap->segments[s];
+		for (int j = 0; j < m; j++) {
+			scan_segment_begin(&sc[j], seg, s);
+		}
 		for (int64_t begin = 0; begin < seg->rows; begin += block) {
 			int64_t end = begin + block < seg->rows ? begin + block : seg->rows;
 			for (int j = 0; j < m; j++) {
-				sc[j].seg = seg;
-				sc[j].segment = s;
 				sc[j].begin = begin;
 				sc[j].end = end;
 				scan(&sc[j]);
 			}
 		}
+		for (int j = 0; j < m; j++) {
+			scan_segment_end(&sc[j]);
+		}
+	}
+	for (int j = 0; j < m; j++) {
+		scan_free(&sc[j]);
 	}
 	free(counts);
 }
@@ -1242,7 +1575,7 @@ static void hamming_function(duckdb_function_info info, duckdb_data_chunk input,
 		/* one row: its scan is split over the cores; many rows: the cores answer groups of them */
 		if (rows == 1) {
 			if (row_valid(&b, 0) && answer(snap, row_query(&b, 0), is_knn ? b.params[0] : 0, is_knn ? 0 : b.params[0],
-			                               cpu_count, &b.answers[0]) < 0) {
+			                               hashlake_threads(), &b.answers[0]) < 0) {
 				atomic_store(&b.failed, 1);
 			}
 		} else {
@@ -1480,7 +1813,7 @@ static void table_bind(duckdb_bind_info info, int is_knn, int rows) {
 			         "%d-bit codes", (long long)len * 8, bind->snap->model_version, bind->snap->code_bytes * 8);
 		} else if (bind->snap && !query_error(bind->snap, (uint32_t)len, p, is_knn, error, sizeof(error)) &&
 		           bind->snap->code_bytes &&
-		           answer(bind->snap, code, is_knn ? p : 0, is_knn ? 0 : p, cpu_count, &bind->hits) < 0) {
+		           answer(bind->snap, code, is_knn ? p : 0, is_knn ? 0 : p, hashlake_threads(), &bind->hits) < 0) {
 			snprintf(error, sizeof(error), "hashlake: out of memory");
 		}
 	}
@@ -1665,8 +1998,6 @@ DUCKDB_EXTENSION_ENTRYPOINT(duckdb_connection connection, duckdb_extension_info 
 	(void)info;
 	(void)access;
 	has_avx512_popcount = hashlake_uses_avx512();
-	long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-	cpu_count = cpus < 1 ? 1 : cpus > HL_MAX_THREADS ? HL_MAX_THREADS : (int)cpus;
 	int64_t slot = new_slot();
 	if (slot < 0) {
 		return false;
