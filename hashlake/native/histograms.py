@@ -19,7 +19,7 @@ from hashing_models.codes import as_code_matrix
 from hashlake.native.loader import _library
 
 MAX_LABELS = 256  # multi-hot labels: 4 uint64 words per item
-MAX_KS = 16  # REPORT_MAX_KS in hamming.c
+MAX_KS = 16  # REPORT_MAX_KS in src/report.c
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from hashlake.index.snapshot import Segment, Snapshot
 from hashlake.native.build import ensure_built
 
-MAX_TABLES = 4  # HL_MAX_TABLES in hamming.c
+MAX_TABLES = 4  # HL_MAX_TABLES in src/hashlake.h
 
 
 class _Strings(ctypes.Structure):
@@ -45,7 +45,7 @@ class _StringLists(ctypes.Structure):
 
 
 class _Segment(ctypes.Structure):
-    """hl_segment in hamming.c: keep the two in step."""
+    """hl_segment in src/hashlake.h: keep the two in step."""
 
     _fields_ = [
         ("rows", ctypes.c_int64),
