@@ -17,6 +17,7 @@ HL_API void hashlake_force_method(int32_t method) {
 #define CANDIDATE_NS 6.0
 #define MIH_BUDGET 0.5 /* of the flat scan's estimated cost, before k-NN gives up on probing */
 #define MIH_QUICK_BUDGET 0.03 /* when the radius profile says the k-th row lies far: near duplicates only */
+#define MIH_RADIUS_SLACK 3 /* radii past the profile's guess before the quick budget applies */
 
 static double binomial(int n, int r) {
 	if (r < 0 || r > n) {
@@ -277,16 +278,23 @@ int mih_knn(const hl_snapshot *snap, const uint8_t *query, int64_t k, int thread
 		free(pr);
 		return -1;
 	}
+	int expected = expected_radius(snap, k);
+	double quick = budget * MIH_QUICK_BUDGET / MIH_BUDGET;
 	if (forced_method == 1) {
 		budget = 1e300;
-	} else if (probe_cost(pr, expected_radius(snap, k)) > budget) {
-		budget *= MIH_QUICK_BUDGET / MIH_BUDGET;
+	} else if (probe_cost(pr, expected) > budget) {
+		budget = quick;
 	}
 	if (forced_method != 1) { /* never verify more rows than the scan would cost */
 		pr->max_candidates = (int64_t)(budget / CANDIDATE_NS);
 	}
 	int bits = snap->code_bytes * 8, status = 0;
 	for (int radius = 0; radius <= bits; radius++) {
+		if (forced_method != 1 && radius > expected + MIH_RADIUS_SLACK) {
+			/* this query lies farther from its neighbours than the codes lie from each other (a
+			 * million identical codes and a query unlike them): probing on costs more than it finds */
+			budget = budget < quick ? budget : quick;
+		}
 		if (now_ns() - start + probe_cost(pr, radius) > budget) {
 			break;
 		}
