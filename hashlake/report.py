@@ -48,6 +48,25 @@ class Report:
     histograms: Histograms = field(repr=False)
 
 
+def multi_hot(label_lists: Sequence[Sequence[str] | None], names: Sequence[str] | None = None,
+              ) -> tuple[np.ndarray, list[str]]:
+    """Label lists as the lake stores them (one list of label names per image, None for none) → a
+    (N, C) int8 multi-hot matrix and its C label names (``names`` fixes their order, e.g. to share it
+    between queries and database; by default the sorted names found). A name not in ``names`` is an
+    error naming it."""
+    found = sorted({name for labels in label_lists if labels for name in labels})
+    names = list(names) if names is not None else found
+    column = {name: c for c, name in enumerate(names)}
+    unknown = [name for name in found if name not in column]
+    if unknown:
+        raise ValueError(f"labels {unknown[:5]} are not among the {len(names)} label names given")
+    out = np.zeros((len(label_lists), len(names)), np.int8)
+    for i, labels in enumerate(label_lists):
+        for name in labels or ():
+            out[i, column[name]] = 1
+    return out, names
+
+
 def _query_label_matrix(labels: np.ndarray, n_labels: int) -> np.ndarray:
     """(Q,) ids or (Q, C) multi-hot → (Q, C) bool."""
     labels = np.asarray(labels)

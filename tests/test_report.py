@@ -174,3 +174,15 @@ def test_kernel_refuses_more_than_16_ks():
     masks = native_histograms.label_masks(np.zeros(2, int), np.zeros(3, int), 2, 3)
     with pytest.raises(ValueError, match="at most 16 values of k"):
         native_histograms.histograms(np.zeros((2, 8), np.uint8), np.zeros((3, 8), np.uint8), masks, ks=tuple(range(1, 18)))
+
+
+def test_lake_label_lists_become_multi_hot():
+    from hashlake.report import multi_hot
+
+    matrix, names = multi_hot([["cat"], ["dog", "cat"], None, []])
+    assert names == ["cat", "dog"]
+    assert matrix.tolist() == [[1, 0], [1, 1], [0, 0], [0, 0]]
+    db, _ = multi_hot([["dog"], ["ship"]], names=["cat", "dog", "ship"])
+    assert db.tolist() == [[0, 1, 0], [0, 0, 1]]
+    with pytest.raises(ValueError, match=r"labels \['ship'\] are not among the 2 label names given"):
+        multi_hot([["ship"]], names=["cat", "dog"])
