@@ -13,7 +13,7 @@ system-packages:
 	@deploy/install-system-packages.sh
 
 # Re-installs when pyproject.toml changes, then compiles the hashlake_hamming DuckDB extension
-# (hashlake/native; it also rebuilds itself on first use after hamming.c changes).
+# (hashlake/native; it also rebuilds itself on first use after its C sources in src/ change).
 # torch==2.14.1/torchvision==0.29.1 are pinned: pip takes them from this machine's local wheel
 # store instead of downloading gigabytes.
 $(VENV)/.installed: pyproject.toml

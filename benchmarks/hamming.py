@@ -229,7 +229,7 @@ def main() -> None:
 
     from hashlake.native import loader
 
-    # which flat-scan kernel the figures below come from (hamming.c picks it per CPU at load)
+    # which flat-scan kernel the figures below come from (the extension picks it per CPU at load)
     print("flat scan of 64- and 256-bit codes: "
           + ("AVX-512 VPOPCNTDQ" if loader.uses_avx512() else "POPCNT (no AVX-512 VPOPCNTDQ on this CPU)"), flush=True)
     results = []

@@ -1,6 +1,8 @@
 """Native Hamming search: the ``hashlake_hamming`` DuckDB extension (C) and its Python side.
 
-    hamming.c   the extension: search / within (and their list forms) over published snapshots
-    build.py    compiles it against the installed DuckDB's C API headers (`make setup` runs it)
-    loader.py   connections with it loaded; publishing a snapshot's buffers to it
+    src/           the extension in C, one file per role (listed in src/hashlake.h): search / within
+                   (and their list forms) over published snapshots, report histograms
+    build.py       compiles src/ against the installed DuckDB's C API headers (`make setup` runs it)
+    loader.py      connections with it loaded; publishing a snapshot's buffers to it; thread count
+    histograms.py  per-query histograms by Hamming distance for offline reports (hashlake.report)
 """

@@ -1,4 +1,4 @@
-"""Builds the ``hashlake_hamming`` DuckDB extension from ``hamming.c`` for the installed DuckDB.
+"""Builds the ``hashlake_hamming`` DuckDB extension from ``src/`` (C, one file per role) for the installed DuckDB.
 
     python -m hashlake.native.build          # what `make setup` runs; a no-op when up to date
 
@@ -38,12 +38,12 @@ import duckdb
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
-SOURCE = HERE / "hamming.c"
+SOURCE_DIR = HERE / "src"  # *.c compiled together into one library; *.h their shared declarations
 BUILD_DIR = HERE / "_build"
 EXTENSION = BUILD_DIR / "hashlake_hamming.duckdb_extension"
 STAMP = BUILD_DIR / "hashlake_hamming.stamp"
 HEADERS = ("duckdb.h", "duckdb_extension.h")
-C_API_VERSION = "v1.2.0"  # the stable C extension API hamming.c is written against (its default)
+C_API_VERSION = "v1.2.0"  # the stable C extension API src/ is written against (its default)
 EXTENSION_VERSION = "v1"
 PYPI_SIMPLE = "https://pypi.org/simple/duckdb/"
 CFLAGS = ("-O3", "-std=gnu11", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall", "-Werror")
@@ -74,8 +74,14 @@ def _platform() -> str:
     return duckdb.sql("PRAGMA platform").fetchone()[0]
 
 
+def sources() -> list[Path]:
+    return sorted(SOURCE_DIR.glob("*.c"))
+
+
 def _stamp(include: Path) -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256()
+    for path in sorted(SOURCE_DIR.glob("*.[ch]")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     for name in HEADERS:
         digest.update((include / name).read_bytes())
     digest.update(" ".join([duckdb.__version__, _platform(), C_API_VERSION, *CFLAGS, *ARCH_CFLAGS]).encode())
@@ -89,10 +95,11 @@ def _compile(include: Path) -> None:
                          "is compiled at setup; install gcc (Debian: apt-get install gcc)")
     with tempfile.TemporaryDirectory(dir=BUILD_DIR) as tmp:
         out = Path(tmp) / EXTENSION.name
-        cmd = [compiler, *CFLAGS, *ARCH_CFLAGS, f"-I{include}", "-o", str(out), str(SOURCE), "-lpthread"]
+        cmd = [compiler, *CFLAGS, *ARCH_CFLAGS, f"-I{include}", f"-I{SOURCE_DIR}", "-o", str(out),
+               *map(str, sources()), "-lpthread"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise BuildError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr}")
+            raise BuildError(f"compiling {SOURCE_DIR} failed ({' '.join(cmd)}):\n{done.stderr}")
         with open(out, "ab") as f:
             f.write(footer(_platform()))
         os.replace(out, EXTENSION)  # atomic: a process loading it sees the old file or the new one
