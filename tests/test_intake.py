@@ -15,7 +15,9 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
+from pydantic import SecretStr
 
+from conftest import WEBHOOK_TOKEN
 from hashlake.catalog import ModelNotFound
 from hashlake.services import free_port, start_redis
 from hashlake.shards import (
@@ -29,18 +31,18 @@ from hashlake.shards import (
     to_parquet_bytes,
     tombstones_path,
 )
-from workers.intake import reconcile_once
+from workers.intake import reconcile_once, run_intake
 from workers.intake.batcher import Batcher
 from workers.intake.events import MalformedEvent, ObjectEvent, parse_access_element, parse_webhook_body
 from workers.intake.pending import IntakeKeys, claim_many, decode_entry, encode_entry, intake_redis
 from workers.intake.reconciler import Reconciler, open_reconciler
 from workers.intake.redis_source import RedisListConsumer
 from workers.intake.sender import BatchSender, task_queue_names
-from workers.intake.webhook import WEBHOOK_PATH, create_webhook_app
+from workers.intake.webhook import WEBHOOK_PATH, WeakWebhookToken, create_webhook_app
 from workers.messages import ENCODE_TASK, TOMBSTONE_TASK, ObjectRef
 
 EVENTS = Path(__file__).resolve().parents[2] / "shared" / "events"
-AUTH = {"Authorization": "Bearer test-token"}
+AUTH = {"Authorization": f"Bearer {WEBHOOK_TOKEN}"}
 INTAKE_DB = 11  # a Redis db of these tests' own: the Celery queue list in it holds only what they sent
 
 
@@ -155,6 +157,22 @@ def test_webhook_requires_the_bearer_token(webhook, client, keys):
     assert (missing.status_code, wrong.status_code) == (401, 401)
     assert "no Authorization header" in missing.json()["detail"] and "wrong bearer token" in wrong.json()["detail"]
     assert client.llen(keys.pending) == 0
+
+
+@pytest.mark.parametrize("token, problem", [("", "is empty"), ("   ", "is empty"), ("change-me", "is the default"),
+                                            ("fifteen-chars15", "has 15 characters")])
+def test_the_intake_refuses_to_start_with_a_token_anyone_could_guess(event_settings, client, keys, token, problem):
+    weak = event_settings.model_copy(update={"webhook_token": SecretStr(token)})
+    for start in (lambda: create_webhook_app(weak, client, keys),
+                  lambda: run_intake(weak, stop=threading.Event(), metrics_port=0)):
+        with pytest.raises(WeakWebhookToken) as refused:
+            start()
+        message = str(refused.value)
+        assert f"(HASHLAKE_WEBHOOK_TOKEN) {problem}" in message and "at least 16 characters" in message
+        assert "set HASHLAKE_WEBHOOK_TOKEN=" in message and "secrets.token_urlsafe" in message
+    # 16 characters is enough; the conftest's token is longer than that.
+    create_webhook_app(event_settings.model_copy(update={"webhook_token": SecretStr("x" * 16)}), client, keys)
+    assert len(WEBHOOK_TOKEN) >= 16
 
 
 def test_webhook_queues_samples_and_multi_record_bodies(webhook, client, keys):

@@ -38,9 +38,36 @@ MAX_BODY_BYTES = 4 * 1024 * 1024  # MinIO posts one event (~1 KiB) per request; 
 RETRY_AFTER_S = "5"
 
 
+# A bearer token shorter than this is refused at start: 16 url-safe characters are ~96 bits, beyond
+# guessing over HTTP; an empty one (compose passes an unset variable as "") would open the door.
+MIN_TOKEN_CHARS = 16
+DEFAULT_TOKEN = "change-me"  # Settings.webhook_token's default: known to everyone who read the code
+
+
+class WeakWebhookToken(ValueError):
+    """``Settings.webhook_token`` is empty, the default or too short; the message says how to set one."""
+
+
+def check_webhook_token(settings: Settings) -> None:
+    """Refuse a token that would let anyone post events: empty, the default or under ``MIN_TOKEN_CHARS``."""
+    token = settings.webhook_token.get_secret_value()
+    if token == DEFAULT_TOKEN:
+        problem = f"is the default {DEFAULT_TOKEN!r}"
+    elif len(token.strip()) < MIN_TOKEN_CHARS:
+        problem = "is empty" if not token.strip() else f"has {len(token.strip())} characters"
+    else:
+        return
+    raise WeakWebhookToken(
+        f"the webhook token (HASHLAKE_WEBHOOK_TOKEN) {problem}; the intake needs one of at least {MIN_TOKEN_CHARS} "
+        f"characters: set HASHLAKE_WEBHOOK_TOKEN=$(python -c 'import secrets; print(secrets.token_urlsafe(24))') "
+        f"(or webhook_token in the HASHLAKE_CONFIG file), and give MinIO the same one as its webhook auth_token")
+
+
 def create_webhook_app(settings: Settings, client: redis.Redis, keys: IntakeKeys) -> FastAPI:
+    """The webhook's routes; refuses to build (``WeakWebhookToken``) with a token anyone could guess."""
+    check_webhook_token(settings)
     app = FastAPI(title="hashlake intake", docs_url=None, redoc_url=None, openapi_url=None)
-    expected = settings.webhook_token.get_secret_value().encode()
+    expected = settings.webhook_token.get_secret_value().strip().encode()
 
     @app.post(WEBHOOK_PATH)
     async def minio_events(request: Request) -> Response:
