@@ -21,7 +21,10 @@ app = typer.Typer(help="hashlake: deep-hashing image retrieval over object stora
                   no_args_is_help=True, pretty_exceptions_enable=False)
 stack_app = typer.Typer(help="Start, stop and inspect the local stack.", no_args_is_help=True)
 model_app = typer.Typer(help="Model versions in the catalog.", no_args_is_help=True)
+intake_app = typer.Typer(help="Run the event intake (MinIO webhook, Redis-list consumer, batcher, reconciler); "
+                              "`hashlake intake dead-letters` shows what it refused.")
 app.add_typer(stack_app, name="stack")
+app.add_typer(intake_app, name="intake")
 app.add_typer(model_app, name="model")
 console = Console()
 
@@ -73,12 +76,40 @@ def stack_status() -> None:
 
 
 # --- roles ----------------------------------------------------------------------------------------
-@app.command()
-def intake() -> None:
+@intake_app.callback(invoke_without_command=True)
+def intake(ctx: typer.Context) -> None:
     """Run the event intake: MinIO webhook, Redis-list consumer, batcher and periodic reconciler."""
+    if ctx.invoked_subcommand is not None:
+        return
     from workers.intake import run_intake
 
     run_intake(load_settings())
+
+
+@intake_app.command("dead-letters")
+def intake_dead_letters(limit: Annotated[int, typer.Option(help="show the newest N")] = 20) -> None:
+    """Show the events the intake refused (malformed webhook bodies and Redis-list elements), newest last."""
+    from datetime import datetime, timezone
+
+    from workers.intake.pending import IntakeKeys, intake_redis, read_dead_letters
+
+    settings = load_settings()
+    client = intake_redis(settings)
+    try:
+        total, letters = read_dead_letters(client, IntakeKeys.for_settings(settings), limit)
+    finally:
+        client.close()
+    keys = IntakeKeys.for_settings(settings)
+    if not total:
+        console.print(f"no dead letters in {keys.dead}", markup=False)
+        return
+    table = Table("refused at (UTC)", "source", Column("reason", overflow="fold"), Column("element", overflow="fold"))
+    for letter in letters:
+        at = datetime.fromtimestamp(letter.at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if letter.at else "?"
+        table.add_row(at, letter.source, letter.reason, letter.element[:2000])
+    console.print(table)
+    console.print(f"{len(letters)} of {total} dead letters in {keys.dead} (Redis {settings.redis_url.rsplit('@', 1)[-1]})",
+                  markup=False)
 
 
 @app.command()
