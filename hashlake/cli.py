@@ -1,24 +1,93 @@
 """The `hashlake` command: the local stack, the intake, models, SQL, search and the demo.
 
-Settings come from ``HASHLAKE_*`` variables and the TOML file ``HASHLAKE_CONFIG``; when that is
-unset and a local stack is running from ``.hashlake/``, its ``stack.toml`` is used, so commands
-run after ``hashlake stack up`` talk to that stack without further setup.
+Settings come from ``hashlake.config.load_settings``: ``HASHLAKE_*`` variables and the TOML file
+``HASHLAKE_CONFIG``; when that is unset and a local stack runs from ``.hashlake/``, its ``stack.toml``
+(as for ``hashlake.sql.connect()``), so commands run after ``hashlake stack up`` talk to that stack
+without further setup.
+
+A user error (a service not running, a missing model, a non-image, a bad query or setting) is one line
+on stderr, ``error: ...``, and exit status 1; ``HASHLAKE_TRACEBACK=1`` shows the traceback behind it.
 """
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
+import click
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 from rich.table import Column, Table
 
-from hashlake.config import Settings
+from hashlake.config import Settings, load_settings
+
+# Set to see the traceback behind a one-line error.
+TRACEBACK_ENV = "HASHLAKE_TRACEBACK"
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What a person causes and can fix (a service not running, a missing model, a bad file or query,
+    a bad setting), as opposed to a bug, which keeps its traceback. Imported when needed: redis,
+    duckdb and pydantic are not loaded for `--help`."""
+    import duckdb
+    import redis
+    from kombu.exceptions import OperationalError
+    from pydantic import ValidationError
+
+    from hashing_models.decode import UndecodableImage
+    from hashlake.catalog import ModelNotFound
+    from hashlake.services import ServiceError
+    from hashlake.store import StoreError
+
+    return (StoreError, ModelNotFound, UndecodableImage, ServiceError, FileNotFoundError, FileExistsError,
+            NotADirectoryError, PermissionError, ValueError, ValidationError, redis.RedisError, OperationalError,
+            duckdb.Error)
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's message on one line: DuckDB's Python-UDF stack ("\n\nAt:\n  file(line): function")
+    and its wrapper words dropped, pydantic's per-field lines joined, whitespace collapsed."""
+    from pydantic import ValidationError
+
+    from hashlake.store import StoreUnavailable
+
+    if isinstance(exc, ValidationError):
+        problems = [f"{'.'.join(map(str, e['loc'])) or '?'}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()]
+        return f"invalid settings (HASHLAKE_* variables or the config file): {'; '.join(problems)}"
+    text = str(exc).split("\n\nAt:\n", 1)[0]
+    text = " ".join(text.replace("Python exception occurred while executing the UDF: ", "").split())
+    where = ("object store" if isinstance(exc, StoreUnavailable)
+             else "Redis" if exc.__class__.__module__.startswith(("redis", "kombu")) else None)
+    if where:
+        text += (f"; is the {where} running? (`hashlake stack status` for the local stack; HASHLAKE_CONFIG or "
+                 f"HASHLAKE_* variables say where it is)")
+    return text
+
+
+class _OneLineErrors(TyperGroup):
+    """The command group's error contract: a user error (``user_errors``) is one line on stderr,
+    ``error: <message>``, and exit status 1, never a traceback (unless ``HASHLAKE_TRACEBACK`` is set)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            if isinstance(exc, click.exceptions.ClickException | click.exceptions.Exit | click.exceptions.Abort):
+                raise
+            if os.environ.get(TRACEBACK_ENV) or not isinstance(exc, user_errors()):
+                raise
+            fail(one_line(exc))
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``error: message`` on stderr, unwrapped (one line whatever the terminal width); exit 1."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
 
 app = typer.Typer(help="hashlake: deep-hashing image retrieval over object storage, queried with SQL.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, cls=_OneLineErrors)
 stack_app = typer.Typer(help="Start, stop and inspect the local stack.", no_args_is_help=True)
 model_app = typer.Typer(help="Model versions in the catalog.", no_args_is_help=True)
 intake_app = typer.Typer(help="Run the event intake (MinIO webhook, Redis-list consumer, batcher, reconciler); "
@@ -27,14 +96,6 @@ app.add_typer(stack_app, name="stack")
 app.add_typer(intake_app, name="intake")
 app.add_typer(model_app, name="model")
 console = Console()
-
-
-def load_settings() -> Settings:
-    if "HASHLAKE_CONFIG" not in os.environ:
-        default = Path(os.environ.get("HASHLAKE_STACK_DIR", ".hashlake")) / "stack.toml"
-        if default.exists():
-            os.environ["HASHLAKE_CONFIG"] = str(default)
-    return Settings()
 
 
 # --- stack ----------------------------------------------------------------------------------------
@@ -115,14 +176,9 @@ def intake_dead_letters(limit: Annotated[int, typer.Option(help="show the newest
 @app.command()
 def reconcile() -> None:
     """Enqueue every object not indexed under the active model version (and deletes for vanished ones)."""
-    from hashlake.catalog import ModelNotFound
     from workers.intake import reconcile_once
 
-    try:
-        summary = reconcile_once(load_settings())
-    except ModelNotFound as exc:
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(1) from None
+    summary = reconcile_once(load_settings())  # ModelNotFound: one line, status 1 (_OneLineErrors)
     console.print(summary)
     if not summary.batcher_alive:
         console.print("[yellow]no intake is running: the queued work is sent once `hashlake intake` runs[/]")
@@ -150,9 +206,8 @@ def model_publish(checkpoint: Annotated[Path, typer.Argument(help="a checkpoint 
 
     try:
         card = publish_checkpoint(load_settings(), checkpoint, version=version, activate=activate)
-    except (OSError, ValueError) as exc:  # a missing, truncated or mismatched file; a version that exists
-        console.print(str(exc), style="red", markup=False)
-        raise typer.Exit(1) from None
+    except OSError as exc:  # a missing or unreadable file (ValueError: truncated, mismatched, a taken version)
+        fail(one_line(exc))
     console.print(f"published {card.version}: {card.description}"
                   + (" (active)" if activate else f"; switch to it with `hashlake model promote {card.version}`"))
 
@@ -162,7 +217,6 @@ def model_promote(version: str,
                   timeout: Annotated[float, typer.Option(help="seconds to wait for the re-encode")] = 3600.0,
                   poll: Annotated[float, typer.Option(help="seconds between progress checks")] = 5.0) -> None:
     """Re-encode the bucket under VERSION while the active version keeps serving, then activate VERSION."""
-    from hashlake.catalog import ModelNotFound
     from scheduler.promote import PromoteError, promote
 
     def progress(summary) -> None:
@@ -171,9 +225,8 @@ def model_promote(version: str,
 
     try:
         result = promote(load_settings(), version, timeout_s=timeout, poll_s=poll, progress=progress)
-    except (ModelNotFound, PromoteError) as exc:
-        console.print(str(exc), style="red", markup=False)
-        raise typer.Exit(1) from None
+    except PromoteError as exc:
+        fail(one_line(exc))
     console.print(f"active model is now {result.version} (was {result.previous}): {result.indexed} objects "
                   f"indexed, {result.failed} failed, in {result.seconds:.0f} s", markup=False)
 
@@ -234,39 +287,24 @@ def sql(query: str, local: Annotated[Optional[Path], typer.Option(help="read sha
     from hashlake.sql import connect
 
     con = connect(load_settings(), local_dir=local)
-    with query_errors():
-        result = con.sql(query)
-        if result is None:
-            return
-        print_relation(result.columns, result.fetchall())
+    result = con.sql(query)  # a bad query, a code of the wrong length: duckdb.Error, one line (_OneLineErrors)
+    if result is None:
+        return
+    print_relation(result.columns, result.fetchall())
 
 
 @app.command()
 def search(image: Path, k: Annotated[int, typer.Option("-k", help="how many neighbours")] = 10,
            local: Annotated[Optional[Path], typer.Option(help="read shards from this folder")] = None) -> None:
     """Print the K nearest indexed images to IMAGE by Hamming distance."""
-    from hashlake.sql import connect
+    from hashlake.sql import connect, hash_image
 
     if not image.is_file():
-        raise typer.BadParameter(f"{image} is not a file")
+        fail(f"{image} is not a file: give the path of an image")
     con = connect(load_settings(), local_dir=local)
-    with query_errors():
-        rel = con.execute(
-            "SELECT key, distance, labels FROM search_rows(hash_image(?), ?)", [str(image.resolve()), k])
-        print_relation([d[0] for d in rel.description], rel.fetchall())
-
-
-@contextmanager
-def query_errors():
-    """A query's error (bad SQL, an image that is not one, a code of the wrong length) is the user's to
-    read, not a traceback: DuckDB's message, then exit status 1."""
-    import duckdb
-
-    try:
-        yield
-    except duckdb.Error as exc:
-        console.print(str(exc), style="red", markup=False)
-        raise typer.Exit(1) from None
+    code = hash_image(con, image.resolve())  # here, not in SQL: a non-image is our error, not a UDF's stack
+    rel = con.execute("SELECT key, distance, labels FROM search_rows(?, ?)", [code, k])
+    print_relation([d[0] for d in rel.description], rel.fetchall())
 
 
 def print_relation(columns: list[str], rows: list[tuple]) -> None:

@@ -22,12 +22,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hashlake.config import Settings
+from hashlake.config import STACK_CONFIG_FILE, Settings
 from hashlake.services import (ServiceError, Service, find_executable, free_port, port_open, spawn,
                                start_moto, start_redis, wait_ready)
 
 STATE_FILE = "stack.json"
-CONFIG_FILE = "stack.toml"
+CONFIG_FILE = STACK_CONFIG_FILE
 
 
 @dataclass

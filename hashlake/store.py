@@ -194,7 +194,10 @@ class ObjectStore:
                     raise StoreUnavailable(f"{self.where}: {exc.code}") from exc
                 raise ObjectRefused(f"{self.where}: {exc.code}: {exc.message}") from exc
             if isinstance(exc, (urllib3.exceptions.HTTPError, OSError)):
-                raise StoreUnavailable(f"{self.where}: object store unreachable ({exc.__class__.__name__}: {exc})") from exc
+                # urllib3's MaxRetryError repeats the URL around its reason: name the reason only
+                cause = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason else exc
+                raise StoreUnavailable(f"{self.where}: object store unreachable "
+                                       f"({cause.__class__.__name__}: {cause})") from exc
             return False
 
 
