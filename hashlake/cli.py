@@ -10,84 +10,18 @@ on stderr, ``error: ...``, and exit status 1; ``HASHLAKE_TRACEBACK=1`` shows the
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Optional
 
-import click
 import typer
-from typer.core import TyperGroup
 from rich.console import Console
 from rich.table import Column, Table
 
+from hashlake.cli_errors import OneLineErrors, fail, one_line
 from hashlake.config import Settings, load_settings
 
-# Set to see the traceback behind a one-line error.
-TRACEBACK_ENV = "HASHLAKE_TRACEBACK"
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """What a person causes and can fix (a service not running, a missing model, a bad file or query,
-    a bad setting), as opposed to a bug, which keeps its traceback. Imported when needed: redis,
-    duckdb and pydantic are not loaded for `--help`."""
-    import duckdb
-    import redis
-    from kombu.exceptions import OperationalError
-    from pydantic import ValidationError
-
-    from hashing_models.decode import UndecodableImage
-    from hashlake.catalog import ModelNotFound
-    from hashlake.services import ServiceError
-    from hashlake.store import StoreError
-
-    return (StoreError, ModelNotFound, UndecodableImage, ServiceError, FileNotFoundError, FileExistsError,
-            NotADirectoryError, PermissionError, ValueError, ValidationError, redis.RedisError, OperationalError,
-            duckdb.Error)
-
-
-def one_line(exc: BaseException) -> str:
-    """The error's message on one line: DuckDB's Python-UDF stack ("\n\nAt:\n  file(line): function")
-    and its wrapper words dropped, pydantic's per-field lines joined, whitespace collapsed."""
-    from pydantic import ValidationError
-
-    from hashlake.store import StoreUnavailable
-
-    if isinstance(exc, ValidationError):
-        problems = [f"{'.'.join(map(str, e['loc'])) or '?'}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()]
-        return f"invalid settings (HASHLAKE_* variables or the config file): {'; '.join(problems)}"
-    text = str(exc).split("\n\nAt:\n", 1)[0]
-    text = " ".join(text.replace("Python exception occurred while executing the UDF: ", "").split())
-    where = ("object store" if isinstance(exc, StoreUnavailable)
-             else "Redis" if exc.__class__.__module__.startswith(("redis", "kombu")) else None)
-    if where:
-        text += (f"; is the {where} running? (`hashlake stack status` for the local stack; HASHLAKE_CONFIG or "
-                 f"HASHLAKE_* variables say where it is)")
-    return text
-
-
-class _OneLineErrors(TyperGroup):
-    """The command group's error contract: a user error (``user_errors``) is one line on stderr,
-    ``error: <message>``, and exit status 1, never a traceback (unless ``HASHLAKE_TRACEBACK`` is set)."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except Exception as exc:
-            if isinstance(exc, click.exceptions.ClickException | click.exceptions.Exit | click.exceptions.Abort):
-                raise
-            if os.environ.get(TRACEBACK_ENV) or not isinstance(exc, user_errors()):
-                raise
-            fail(one_line(exc))
-
-
-def fail(message: str) -> NoReturn:
-    """Print ``error: message`` on stderr, unwrapped (one line whatever the terminal width); exit 1."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
-
-
 app = typer.Typer(help="hashlake: deep-hashing image retrieval over object storage, queried with SQL.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, cls=_OneLineErrors)
+                  no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineErrors)
 stack_app = typer.Typer(help="Start, stop and inspect the local stack.", no_args_is_help=True)
 model_app = typer.Typer(help="Model versions in the catalog.", no_args_is_help=True)
 intake_app = typer.Typer(help="Run the event intake (MinIO webhook, Redis-list consumer, batcher, reconciler); "
@@ -155,12 +89,12 @@ def intake_dead_letters(limit: Annotated[int, typer.Option(help="show the newest
     from workers.intake.pending import IntakeKeys, intake_redis, read_dead_letters
 
     settings = load_settings()
+    keys = IntakeKeys.for_settings(settings)
     client = intake_redis(settings)
     try:
-        total, letters = read_dead_letters(client, IntakeKeys.for_settings(settings), limit)
+        total, letters = read_dead_letters(client, keys, limit)
     finally:
         client.close()
-    keys = IntakeKeys.for_settings(settings)
     if not total:
         console.print(f"no dead letters in {keys.dead}", markup=False)
         return
@@ -178,7 +112,7 @@ def reconcile() -> None:
     """Enqueue every object not indexed under the active model version (and deletes for vanished ones)."""
     from workers.intake import reconcile_once
 
-    summary = reconcile_once(load_settings())  # ModelNotFound: one line, status 1 (_OneLineErrors)
+    summary = reconcile_once(load_settings())  # ModelNotFound: one line, status 1 (OneLineErrors)
     console.print(summary)
     if not summary.batcher_alive:
         console.print("[yellow]no intake is running: the queued work is sent once `hashlake intake` runs[/]")
@@ -287,7 +221,7 @@ def sql(query: str, local: Annotated[Optional[Path], typer.Option(help="read sha
     from hashlake.sql import connect
 
     con = connect(load_settings(), local_dir=local)
-    result = con.sql(query)  # a bad query, a code of the wrong length: duckdb.Error, one line (_OneLineErrors)
+    result = con.sql(query)  # a bad query, a code of the wrong length: duckdb.Error, one line (OneLineErrors)
     if result is None:
         return
     print_relation(result.columns, result.fetchall())

@@ -42,7 +42,8 @@ class Settings(BaseSettings):
     # --- broker and events ---------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
     events_key: str = Field("minio-events", description="Redis list a MinIO notify_redis target appends to")
-    webhook_token: SecretStr = Field(SecretStr("change-me"), description="bearer token MinIO's webhook sends")
+    webhook_token: SecretStr = Field(SecretStr("change-me"), description="bearer token MinIO's webhook sends; "
+                                     "the intake refuses the default and any under 16 characters")
     webhook_host: str = "127.0.0.1"
     webhook_port: int = 8080
 
