@@ -28,7 +28,7 @@ stack runs with a broker visibility timeout of ``--visibility-s`` (production: 9
 which the reconciler queues again what it queued once and never saw indexed, so that a run ends in
 minutes rather than a quarter of an hour.
 
-    .venv/bin/python benchmarks/chaos.py [--uploads 10000] [--stall-s 10] [--settle-s 900]
+    .venv/bin/python benchmarks/chaos.py [--uploads 10000] [--stall-s 10] [--settle-s 900] [--visibility-s 30]
 """
 from __future__ import annotations
 
@@ -416,9 +416,12 @@ def main() -> None:
     parser.add_argument("--uploads", type=int, default=ChaosConfig.uploads)
     parser.add_argument("--stall-s", type=float, default=ChaosConfig.stall_s)
     parser.add_argument("--settle-s", type=float, default=ChaosConfig.settle_s)
+    parser.add_argument("--visibility-s", type=float, default=ChaosConfig.visibility_s)
+    parser.add_argument("--reconcile-s", type=float, default=ChaosConfig.reconcile_interval_s)
     parser.add_argument("--seed", type=int, default=ChaosConfig.seed)
     args = parser.parse_args()
-    config = ChaosConfig(uploads=args.uploads, stall_s=args.stall_s, settle_s=args.settle_s, seed=args.seed)
+    config = ChaosConfig(uploads=args.uploads, stall_s=args.stall_s, settle_s=args.settle_s, seed=args.seed,
+                         visibility_s=args.visibility_s, reconcile_interval_s=args.reconcile_s)
     with tempfile.TemporaryDirectory(prefix="hashlake-chaos-") as tmp:
         result = run_chaos(config, Path(tmp))
     for line in result.faults:

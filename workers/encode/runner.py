@@ -3,12 +3,13 @@
 Celery task bodies call ``encode_batch`` / ``tombstone_batch``; so do the tests and the ingest
 benchmark, so all of them measure the same code. A batch that keeps killing its worker process
 (``workers.deliveries``) is cut in two by ``split_batch`` until the object that kills it is alone;
-``record_crashed`` then writes that object's failure row. A forward that raises (``ForwardFailed``) takes
-the same path (``workers.tasks``), so does any other error of the batch as a whole; an error of one
-object (a Pillow plugin's, its preparation's) is that object's failure row, never the batch's. Reading, decoding and preparing run on the
-process's I/O thread pool (downloads wait on the network, Pillow releases the GIL while decoding);
-the forward runs on the calling thread with torch's own intra-op threads, starting on the first
-images that are ready, so the rest of the batch downloads while the model runs.
+``record_crashed`` then writes that object's failure row. A forward that raises (``ForwardFailed``)
+takes the same path (``workers.tasks``), and so does any other error of the batch as a whole; an error
+of one object (a Pillow plugin's, its preparation's) is that object's failure row, never the batch's.
+Reading, decoding and preparing run on the process's I/O thread pool (downloads wait on the network,
+Pillow releases the GIL while decoding); the forward runs on the calling thread with torch's own
+intra-op threads, starting on the first images that are ready, so the rest of the batch downloads
+while the model runs.
 """
 from __future__ import annotations
 
