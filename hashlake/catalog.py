@@ -60,7 +60,7 @@ class ModelCard:
             log.warning("model card of version %r has fields this hashlake does not know, ignored: %s "
                         "(written by a newer hashlake? upgrade this process to use them)", data.get("version"),
                         ", ".join(unknown))
-        required = {f.name for f in fields(cls) if f.default is f.default_factory is MISSING}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
         missing = sorted(required - set(data))
         if missing:
             raise ValueError(f"model card of version {data.get('version')!r} lacks the field(s) {', '.join(missing)}")
