@@ -298,3 +298,22 @@ def test_record_crashed_names_the_error_of_a_batch_that_raised(settings, store, 
     assert row["reason"] == "crashed_worker"
     assert row["detail"].startswith("s3://") and "encoding it failed 4 times (2 in a batch of its own" in row["detail"]
     assert "last error: ForwardFailed in pool process 7" in row["detail"]
+
+
+def test_an_error_preparing_images_fails_the_batch_and_is_never_recorded(settings, store, cifar_jpegs):
+    """Not a refusal: a preprocessing that fails on every image must not turn the bucket into failure rows.
+    The batch fails naming the object (workers.tasks splits it); alone, the object is not recorded either,
+    since this process cannot encode its own self-check image."""
+    import faulty_model  # noqa: F401 — registers faultyprep_effnetlite0_64
+
+    from workers.encode.runner import LoadFailed
+
+    init_model(settings, "faultyprep_effnetlite0_64", img_size=IMG_SIZE, store=store)
+    refs = upload(store, settings.images_bucket, [(f"k{i}.jpg", body, "") for i, (_, _, body) in enumerate(cifar_jpegs[:3])])
+    handle = ModelHandle(settings, store)
+    with pytest.raises(LoadFailed, match=r"loading s3://.*/k\d.jpg for batch \w+ raised RuntimeError"):
+        encode_batch(Batch("encode", tuple(refs)), settings, handle, store=store)
+    with pytest.raises(RuntimeError):
+        record_crashed(Batch("encode", tuple(refs[:1])), History(2, "", "LoadFailed ..."), settings, handle, store=store)
+    for prefix in (shards.CODES_PREFIX, shards.FAILURES_PREFIX):
+        assert list(store.list(settings.index_bucket, prefix)) == []

@@ -11,7 +11,7 @@ does not encode it again: it sends the two halves as new batches (``runner.split
 batch of one object, records that object as a ``crashed_worker`` failure (``runner.record_crashed``).
 One poison image among 32 thus costs about 2 × (1 + log2 32) = 12 child restarts; every other object
 is indexed. A delivery that raises an error that is neither transient nor one object's refusal (a
-forward that raises: ``runner.ForwardFailed``) is counted the same way, and retried after a backoff
+forward that raises: ``runner.ForwardFailed``, ``runner.LoadFailed``) is counted the same way, and retried after a backoff
 instead of acked with its objects dropped. A MemoryError (under a memory rlimit, or with overcommit
 off) is made a death too: the child exits, so that the batch takes the same path as one the OOM
 killer ended (a failed task would be acked and its other objects dropped), and the next child starts

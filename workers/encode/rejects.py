@@ -18,13 +18,9 @@ from workers.messages import ObjectRef
 TOO_LARGE = "too_large"  # over Settings.max_object_bytes, refused unread
 MISSING = "missing"  # the object vanished between the event and the read
 UNREADABLE = "unreadable"  # the store refuses to serve it (AccessDenied, an archived object, ...)
-# Preparing this one decoded image for the model raised an error no other reason names; the detail
-# names the exception. (Decoder errors are the decoder's reasons, a forward's error is a batch's.)
-ENCODE_ERROR = "encode_error"
-# Encoding it alone killed the worker process, or its forward raised, delivery after delivery.
+# Encoding it alone killed the worker process, or raised (its forward, its preparation), delivery after delivery.
 CRASHED_WORKER = "crashed_worker"
-REASONS = (EMPTY, NOT_AN_IMAGE, TRUNCATED, CORRUPT, TOO_MANY_PIXELS, TOO_LARGE, MISSING, UNREADABLE, ENCODE_ERROR,
-           CRASHED_WORKER)
+REASONS = (EMPTY, NOT_AN_IMAGE, TRUNCATED, CORRUPT, TOO_MANY_PIXELS, TOO_LARGE, MISSING, UNREADABLE, CRASHED_WORKER)
 
 
 class ImageRejected(UndecodableImage):

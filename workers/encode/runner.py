@@ -4,8 +4,8 @@ Celery task bodies call ``encode_batch`` / ``tombstone_batch``; so do the tests 
 benchmark, so all of them measure the same code. A batch that keeps killing its worker process
 (``workers.deliveries``) is cut in two by ``split_batch`` until the object that kills it is alone;
 ``record_crashed`` then writes that object's failure row. A forward that raises (``ForwardFailed``)
-takes the same path (``workers.tasks``), and so does any other error of the batch as a whole; an error
-of one object (a Pillow plugin's, its preparation's) is that object's failure row, never the batch's.
+takes the same path (``workers.tasks``), and so does any other error that is not a refusal (``LoadFailed``);
+a refusal of one object (any error of the decoder included) is that object's failure row, never the batch's.
 Reading, decoding and preparing run on the process's I/O thread pool (downloads wait on the network,
 Pillow releases the GIL while decoding); the forward runs on the calling thread with torch's own
 intra-op threads, starting on the first images that are ready, so the rest of the batch downloads
@@ -25,11 +25,11 @@ import numpy as np
 from hashing_models.decode import UndecodableImage, decode_image
 from hashlake import shards
 from hashlake.config import Settings
-from hashlake.store import ObjectMissing, ObjectStore
+from hashlake.store import ObjectMissing, ObjectStore, StoreUnavailable
 from workers.encode import model as model_stage
 from workers.encode.model import LoadedModel, ModelHandle
 from workers.encode.read import Fetched, io_pool, read_object
-from workers.encode.rejects import CRASHED_WORKER, ENCODE_ERROR, Failure, ImageRejected
+from workers.encode.rejects import CRASHED_WORKER, Failure, ImageRejected
 from workers.encode.write import code_rows, parse_event_time, write_codes, write_failures, write_tombstones
 from workers.deliveries import History
 from workers.messages import Batch, ObjectRef
@@ -49,6 +49,13 @@ MIN_FORWARD_CHUNK = 8
 class ForwardFailed(RuntimeError):
     """The model's forward raised on a chunk of the batch (torch's out-of-memory included): the batch
     as a whole failed, not one object, so it is split like one that kills its worker (``workers.tasks``)."""
+
+
+class LoadFailed(RuntimeError):
+    """Reading or preparing one object raised an error that is no refusal (the decoder's errors all
+    are): it may be that object or a fault of every object (a broken preprocessing), so the batch is
+    split like one that kills its worker, and the object, once alone, recorded only after this process
+    encoded its self-check image (``record_crashed``)."""
 
 
 @dataclass
@@ -93,23 +100,19 @@ def unique_refs(objects: tuple[ObjectRef, ...]) -> list[ObjectRef]:
 
 def load_one(store: ObjectStore, settings: Settings, loaded: LoadedModel, ref: ObjectRef) -> _Loaded:
     """Read ▶ decode ▶ prepare one object (runs on an I/O thread). Refusals raise ``ImageRejected``
-    carrying the etag of the bytes read, when a read happened: the decoder's reasons, or
-    ``encode_error`` naming whatever else preparing this one image raised. ``StoreUnavailable`` (retry
-    the batch) and ``MemoryError`` (torch's allocation failures made one) pass through."""
+    carrying the etag of the bytes read, when a read happened; any error of the decoder is one.
+    ``MemoryError`` (torch's allocation failures made one) and anything else pass through."""
     fetched = read_object(store, ref, settings.max_object_bytes)
-    name = f"s3://{ref.bucket}/{ref.key}"
     try:
-        image = decode_image(fetched.body, settings.max_image_pixels, name=name)
-        return _Loaded(fetched, model_stage.prepare(loaded, [image]))
+        image = decode_image(fetched.body, settings.max_image_pixels, name=f"s3://{ref.bucket}/{ref.key}")
     except UndecodableImage as exc:
         raise ImageRejected(exc.reason, exc.detail, etag=fetched.info.etag) from None
-    except MemoryError:
-        raise
+    try:
+        return _Loaded(fetched, model_stage.prepare(loaded, [image]))
     except Exception as exc:
         if _out_of_memory(exc):
             raise MemoryError(f"{exc.__class__.__name__}: {exc}") from exc
-        raise ImageRejected(ENCODE_ERROR, f"{name}: preparing it for the model raised "
-                                          f"{exc.__class__.__name__}: {exc}", etag=fetched.info.etag) from None
+        raise
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -171,8 +174,9 @@ def _read_and_encode(refs: list[ObjectRef], store: ObjectStore, settings: Settin
     ``MIN_FORWARD_CHUNK`` (or whatever remains): the downloads still running overlap the forward.
 
     Returns (loaded, failures, codes (N, bits/8) in the order of loaded, read_s, infer_s). Raises
-    ``ForwardFailed`` when a chunk's forward raises, ``StoreUnavailable`` when the store does not
-    answer, ``MemoryError`` naming the object whose load ran out.
+    ``ForwardFailed`` when a chunk's forward raises, ``LoadFailed`` when loading an object raised
+    anything but a refusal, ``StoreUnavailable`` when the store does not answer, ``MemoryError`` naming
+    the object whose load ran out.
     """
     started = time.perf_counter()
     pool = io_pool(settings.download_concurrency)
@@ -187,12 +191,17 @@ def _read_and_encode(refs: list[ObjectRef], store: ObjectStore, settings: Settin
             item = future.result()  # StoreUnavailable propagates: the whole batch is retried
             ok.append(item)
             pending.append(item)
-        except ImageRejected as exc:  # the read, decode and prepare stages' refusals
+        except ImageRejected as exc:  # the read and decode stages' refusals
             failures.append(Failure(ref, exc.etag or ref.etag, exc.reason, exc.detail))
         except MemoryError as exc:
             # Not a refusal (it may be the other images' share of memory); the task ends the process
             # (workers.tasks). The message names the object whose load ran out.
             raise MemoryError(f"out of memory reading or decoding s3://{ref.bucket}/{ref.key}") from exc
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            raise LoadFailed(f"loading s3://{ref.bucket}/{ref.key} for batch {batch_id} raised "
+                             f"{exc.__class__.__name__}: {exc}") from exc
         last = i == len(refs) - 1
         if last:
             read_s = time.perf_counter() - started
