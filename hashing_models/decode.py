@@ -1,7 +1,10 @@
 """Decode stage: image bytes → an upright RGB PIL image, refusing what is not a sane image.
 
-Refusals (``UndecodableImage``, with a short ``reason``): zero bytes, not an image, truncated or
-corrupt pixel data, and images with more pixels than ``max_pixels``. The pixel count is read from the header, before any pixel is decoded,
+Refusals (``UndecodableImage``, with a short ``reason``): zero bytes, not an image, truncated pixel
+data, a damaged or unsupported variant of a format, and images with more pixels than ``max_pixels``.
+Any error Pillow raises for the bytes (its plugins raise ``NotImplementedError``, ``RuntimeError``,
+``struct.error``, ``IndexError``, ``TypeError``, ... besides ``OSError``) is a refusal naming the
+exception; only ``MemoryError`` passes through, since it says nothing about these bytes. The pixel count is read from the header, before any pixel is decoded,
 so a decompression bomb (e.g. a 50,000 × 50,000 PNG of a few KB) is refused without allocating it.
 """
 from __future__ import annotations
@@ -16,6 +19,12 @@ EMPTY = "empty"  # zero bytes
 NOT_AN_IMAGE = "not_an_image"  # Pillow cannot identify the format
 TRUNCATED = "truncated"  # the header parses but the pixel data is cut short or corrupt
 TOO_MANY_PIXELS = "too_many_pixels"  # over the pixel limit: a decompression bomb, refused unloaded
+# Pillow raised something else: a damaged or unsupported variant (a DDS pixel format, a BLP compression
+# it does not implement, an AVIF item libavif cannot decode, a mode with no RGB conversion, ...)
+CORRUPT = "corrupt"
+# What Pillow raises for a truncated or damaged file: "image file is truncated", "broken data stream",
+# a bad EXIF block, a cut header.
+_TRUNCATION = (OSError, SyntaxError, ValueError, EOFError)
 
 
 class UndecodableImage(ValueError):
@@ -45,8 +54,12 @@ def decode_image(body: bytes, max_pixels: int, *, name: str = "image") -> Image.
         raise UndecodableImage(NOT_AN_IMAGE, f"{name}: not an image format Pillow can read") from None
     except Image.DecompressionBombError as exc:
         raise UndecodableImage(TOO_MANY_PIXELS, f"{name}: {exc}") from None
-    except (OSError, SyntaxError, ValueError) as exc:  # damaged headers raise any of these
-        raise UndecodableImage(TRUNCATED, f"{name}: unreadable header ({exc})") from None
+    except MemoryError:
+        raise
+    except _TRUNCATION as exc:  # damaged headers raise any of these
+        raise UndecodableImage(TRUNCATED, f"{name}: unreadable header ({_named(exc)})") from None
+    except Exception as exc:  # a plugin's own error (NotImplementedError, struct.error, ...)
+        raise UndecodableImage(CORRUPT, f"{name}: unreadable header ({_named(exc)})") from None
 
     width, height = image.size
     if width * height > max_pixels:
@@ -55,10 +68,23 @@ def decode_image(body: bytes, max_pixels: int, *, name: str = "image") -> Image.
     try:
         image.load()
         image = ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        # "image file is truncated", "broken data stream", a corrupt EXIF block, ...
-        raise UndecodableImage(TRUNCATED, f"{name}: pixel data unreadable ({exc})") from None
-    return to_rgb(image)
+    except MemoryError:
+        raise
+    except _TRUNCATION as exc:
+        raise UndecodableImage(TRUNCATED, f"{name}: pixel data unreadable ({_named(exc)})") from None
+    except Exception as exc:  # e.g. libavif's RuntimeError, a DDS pixel format's NotImplementedError
+        raise UndecodableImage(CORRUPT, f"{name}: pixel data unreadable ({_named(exc)})") from None
+    try:
+        return to_rgb(image)
+    except MemoryError:
+        raise
+    except Exception as exc:  # a mode Pillow cannot convert ("conversion from La to L not supported")
+        raise UndecodableImage(CORRUPT, f"{name}: no RGB conversion from mode {image.mode} ({_named(exc)})") from None
+
+
+def _named(exc: BaseException) -> str:
+    """``ValueError: broken data stream``: the exception's type and message, for a failure's detail."""
+    return f"{exc.__class__.__name__}: {exc}"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

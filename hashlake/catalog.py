@@ -4,18 +4,25 @@
     models/<version>/card.json    ModelCard: what the weights are and how they were made
     models/ACTIVE                 {"version": "..."}: one small object, replaced in one PUT
 
-A version is immutable: publishing over an existing version is refused.
+A version is immutable: publishing is a conditional create of both objects (``ObjectStore.create``,
+``If-None-Match: *``), weights first, so of two publishers of one version id exactly one writes
+anything, and the other gets ``FileExistsError``. A card written by a newer hashlake, with fields this
+one does not know, loads with a warning (the unknown fields dropped), so workers can be upgraded one
+at a time while new versions are published.
 """
 from __future__ import annotations
 
 import io
 import json
+import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime, timezone
 
 from hashlake.config import Settings
-from hashlake.store import ObjectMissing, ObjectStore
+from hashlake.store import ObjectExists, ObjectMissing, ObjectStore
+
+log = logging.getLogger(__name__)
 
 MODELS_PREFIX = "models/"
 ACTIVE_KEY = "models/ACTIVE"
@@ -42,7 +49,22 @@ class ModelCard:
 
     @classmethod
     def from_json(cls, text: str) -> "ModelCard":
-        return cls(**json.loads(text))
+        """A card as ``card.json`` holds it. Fields this version does not know are dropped with a
+        warning (a newer publisher's); a missing required field is a ``ValueError`` naming it."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"model card must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            log.warning("model card of version %r has fields this hashlake does not know, ignored: %s "
+                        "(written by a newer hashlake? upgrade this process to use them)", data.get("version"),
+                        ", ".join(unknown))
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        missing = sorted(required - set(data))
+        if missing:
+            raise ValueError(f"model card of version {data.get('version')!r} lacks the field(s) {', '.join(missing)}")
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def check_version(version: str) -> str:
@@ -57,17 +79,28 @@ class Catalog:
         self.bucket = settings.index_bucket
 
     def publish(self, card: ModelCard, state_dict: dict) -> None:
-        """Store weights then card (the card's presence marks the version complete)."""
+        """Create weights, then card (the card's presence marks the version complete), each only if
+        absent. ``FileExistsError`` when the version exists, or another publisher got there first."""
         import torch
 
         check_version(card.version)
-        if self.store.exists(self.bucket, f"{MODELS_PREFIX}{card.version}/card.json"):
+        folder = f"{MODELS_PREFIX}{card.version}/"
+        if self.store.exists(self.bucket, f"{folder}card.json"):  # the common refusal, before serializing
             raise FileExistsError(f"model version {card.version!r} already exists; versions are immutable")
         buf = io.BytesIO()
         torch.save(state_dict, buf)
-        self.store.put(self.bucket, f"{MODELS_PREFIX}{card.version}/weights.pt", buf.getvalue())
-        self.store.put(self.bucket, f"{MODELS_PREFIX}{card.version}/card.json",
-                       json.dumps(asdict(card), indent=2).encode(), content_type="application/json")
+        try:
+            self.store.create(self.bucket, f"{folder}weights.pt", buf.getvalue())
+        except ObjectExists:
+            raise FileExistsError(
+                f"model version {card.version!r} is being published by someone else, or was and never finished "
+                f"(s3://{self.bucket}/{folder}weights.pt exists without a card.json); versions are immutable: "
+                f"publish under another version id") from None
+        try:
+            self.store.create(self.bucket, f"{folder}card.json", json.dumps(asdict(card), indent=2).encode(),
+                              content_type="application/json")
+        except ObjectExists:
+            raise FileExistsError(f"model version {card.version!r} already exists; versions are immutable") from None
 
     def card(self, version: str) -> ModelCard:
         try:

@@ -1,13 +1,15 @@
 """The `hashlake` command: the local stack, the intake, models, SQL, search and the demo.
 
-Settings come from ``HASHLAKE_*`` variables and the TOML file ``HASHLAKE_CONFIG``; when that is
-unset and a local stack is running from ``.hashlake/``, its ``stack.toml`` is used, so commands
-run after ``hashlake stack up`` talk to that stack without further setup.
+Settings come from ``hashlake.config.load_settings``: ``HASHLAKE_*`` variables and the TOML file
+``HASHLAKE_CONFIG``; when that is unset and a local stack runs from ``.hashlake/``, its ``stack.toml``
+(as for ``hashlake.sql.connect()``), so commands run after ``hashlake stack up`` talk to that stack
+without further setup.
+
+A user error (a service not running, a missing model, a non-image, a bad query or setting) is one line
+on stderr, ``error: ...``, and exit status 1; ``HASHLAKE_TRACEBACK=1`` shows the traceback behind it.
 """
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,25 +17,21 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from hashlake.config import Settings
+from hashlake.cli_errors import OneLineErrors, fail, one_line
+from hashlake.config import Settings, load_settings
 
 app = typer.Typer(help="hashlake: deep-hashing image retrieval over object storage, queried with SQL.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineErrors)
 stack_app = typer.Typer(help="Start, stop and inspect the local stack.", no_args_is_help=True)
 model_app = typer.Typer(help="Model versions in the catalog.", no_args_is_help=True)
 lake_app = typer.Typer(help="The lake: DuckLake tables of codes, failures and deletes.", no_args_is_help=True)
+intake_app = typer.Typer(help="Run the event intake (MinIO webhook, Redis-list consumer, batcher, reconciler); "
+                              "`hashlake intake dead-letters` shows what it refused.")
 app.add_typer(stack_app, name="stack")
+app.add_typer(intake_app, name="intake")
 app.add_typer(model_app, name="model")
 app.add_typer(lake_app, name="lake")
 console = Console()
-
-
-def load_settings() -> Settings:
-    if "HASHLAKE_CONFIG" not in os.environ:
-        default = Path(os.environ.get("HASHLAKE_STACK_DIR", ".hashlake")) / "stack.toml"
-        if default.exists():
-            os.environ["HASHLAKE_CONFIG"] = str(default)
-    return Settings()
 
 
 # --- stack ----------------------------------------------------------------------------------------
@@ -75,25 +73,48 @@ def stack_status() -> None:
 
 
 # --- roles ----------------------------------------------------------------------------------------
-@app.command()
-def intake() -> None:
+@intake_app.callback(invoke_without_command=True)
+def intake(ctx: typer.Context) -> None:
     """Run the event intake: MinIO webhook, Redis-list consumer, batcher and periodic reconciler."""
+    if ctx.invoked_subcommand is not None:
+        return
     from workers.intake import run_intake
 
     run_intake(load_settings())
 
 
+@intake_app.command("dead-letters")
+def intake_dead_letters(limit: Annotated[int, typer.Option(help="show the newest N")] = 20) -> None:
+    """Show the events the intake refused (malformed webhook bodies and Redis-list elements), newest last."""
+    from datetime import datetime, timezone
+
+    from workers.intake.pending import IntakeKeys, intake_redis, read_dead_letters
+
+    settings = load_settings()
+    keys = IntakeKeys.for_settings(settings)
+    client = intake_redis(settings)
+    try:
+        total, letters = read_dead_letters(client, keys, limit)
+    finally:
+        client.close()
+    if not total:
+        console.print(f"no dead letters in {keys.dead}", markup=False)
+        return
+    table = Table("refused at (UTC)", "source", Column("reason", overflow="fold"), Column("element", overflow="fold"))
+    for letter in letters:
+        at = datetime.fromtimestamp(letter.at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if letter.at else "?"
+        table.add_row(at, letter.source, letter.reason, letter.element[:2000])
+    console.print(table)
+    console.print(f"{len(letters)} of {total} dead letters in {keys.dead} (Redis {settings.redis_url.rsplit('@', 1)[-1]})",
+                  markup=False)
+
+
 @app.command()
 def reconcile() -> None:
     """Enqueue every object not indexed under the active model version (and deletes for vanished ones)."""
-    from hashlake.catalog import ModelNotFound
     from workers.intake import reconcile_once
 
-    try:
-        summary = reconcile_once(load_settings())
-    except ModelNotFound as exc:
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(1) from None
+    summary = reconcile_once(load_settings())  # ModelNotFound: one line, status 1 (OneLineErrors)
     console.print(summary)
     if not summary.batcher_alive:
         console.print("[yellow]no intake is running: the queued work is sent once `hashlake intake` runs[/]")
@@ -145,9 +166,8 @@ def model_publish(checkpoint: Annotated[Path, typer.Argument(help="a checkpoint 
 
     try:
         card = publish_checkpoint(load_settings(), checkpoint, version=version, activate=activate)
-    except (OSError, ValueError) as exc:  # a missing, truncated or mismatched file; a version that exists
-        console.print(str(exc), style="red", markup=False)
-        raise typer.Exit(1) from None
+    except OSError as exc:  # a missing or unreadable file (ValueError: truncated, mismatched, a taken version)
+        fail(one_line(exc))
     console.print(f"published {card.version}: {card.description}"
                   + (" (active)" if activate else f"; switch to it with `hashlake model promote {card.version}`"))
 
@@ -157,7 +177,6 @@ def model_promote(version: str,
                   timeout: Annotated[float, typer.Option(help="seconds to wait for the re-encode")] = 3600.0,
                   poll: Annotated[float, typer.Option(help="seconds between progress checks")] = 5.0) -> None:
     """Re-encode the bucket under VERSION while the active version keeps serving, then activate VERSION."""
-    from hashlake.catalog import ModelNotFound
     from scheduler.promote import PromoteError, promote
 
     def progress(summary) -> None:
@@ -166,9 +185,8 @@ def model_promote(version: str,
 
     try:
         result = promote(load_settings(), version, timeout_s=timeout, poll_s=poll, progress=progress)
-    except (ModelNotFound, PromoteError) as exc:
-        console.print(str(exc), style="red", markup=False)
-        raise typer.Exit(1) from None
+    except PromoteError as exc:
+        fail(one_line(exc))
     console.print(f"active model is now {result.version} (was {result.previous}): {result.indexed} objects "
                   f"indexed, {result.failed} failed, in {result.seconds:.0f} s", markup=False)
 
@@ -229,38 +247,23 @@ def sql(query: str) -> None:
     from hashlake.sql import connect
 
     con = connect(load_settings())
-    with query_errors():
-        result = con.sql(query)
-        if result is None:
-            return
-        print_relation(result.columns, result.fetchall())
+    result = con.sql(query)  # a bad query, a code of the wrong length: duckdb.Error, one line (OneLineErrors)
+    if result is None:
+        return
+    print_relation(result.columns, result.fetchall())
 
 
 @app.command()
 def search(image: Path, k: Annotated[int, typer.Option("-k", help="how many neighbours")] = 10) -> None:
     """Print the K nearest indexed images to IMAGE by Hamming distance."""
-    from hashlake.sql import connect
+    from hashlake.sql import connect, hash_image
 
     if not image.is_file():
-        raise typer.BadParameter(f"{image} is not a file")
+        fail(f"{image} is not a file: give the path of an image")
     con = connect(load_settings())
-    with query_errors():
-        rel = con.execute(
-            "SELECT key, distance, labels FROM search_rows(hash_image(?), ?)", [str(image.resolve()), k])
-        print_relation([d[0] for d in rel.description], rel.fetchall())
-
-
-@contextmanager
-def query_errors():
-    """A query's error (bad SQL, an image that is not one, a code of the wrong length) is the user's to
-    read, not a traceback: DuckDB's message, then exit status 1."""
-    import duckdb
-
-    try:
-        yield
-    except duckdb.Error as exc:
-        console.print(str(exc), style="red", markup=False)
-        raise typer.Exit(1) from None
+    code = hash_image(con, image.resolve())  # here, not in SQL: a non-image is our error, not a UDF's stack
+    rel = con.execute("SELECT key, distance, labels FROM search_rows(?, ?)", [code, k])
+    print_relation([d[0] for d in rel.description], rel.fetchall())
 
 
 def print_relation(columns: list[str], rows: list[tuple]) -> None:

@@ -3,16 +3,29 @@
 Precedence (highest first): keyword arguments, environment, the TOML file named by
 ``HASHLAKE_CONFIG``, the defaults below. Secrets are ``SecretStr``: they print as ``**********``
 and are only ever read through ``.get_secret_value()`` where a client needs them.
+
+``load_settings()`` (and its process-wide copy ``get_settings()``) is how the faces read them: the CLI,
+``hashlake.sql.connect()`` and the workers. With ``HASHLAKE_CONFIG`` unset it also reads the local
+stack's ``<HASHLAKE_STACK_DIR or .hashlake>/stack.toml`` when there is one, so that, in a folder where
+``hashlake stack up`` ran, both the commands and Python code talk to that stack without further setup.
+A plain ``Settings(...)`` never looks for a stack.
 """
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+
+STACK_CONFIG_FILE = "stack.toml"  # what `hashlake stack up` writes into its stack_dir
+DEFAULT_STACK_DIR = Path(".hashlake")
+# The stack file found by load_settings(), read by the Settings being built in that call only.
+_stack_config: ContextVar[Path | None] = ContextVar("hashlake_stack_config", default=None)
 
 
 class Settings(BaseSettings):
@@ -49,7 +62,8 @@ class Settings(BaseSettings):
     # --- broker and events ---------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
     events_key: str = Field("minio-events", description="Redis list a MinIO notify_redis target appends to")
-    webhook_token: SecretStr = Field(SecretStr("change-me"), description="bearer token MinIO's webhook sends")
+    webhook_token: SecretStr = Field(SecretStr("change-me"), description="bearer token MinIO's webhook sends; "
+                                     "the intake refuses the default and any under 16 characters")
     webhook_host: str = "127.0.0.1"
     webhook_port: int = 8080
 
@@ -73,7 +87,7 @@ class Settings(BaseSettings):
     max_object_bytes: int = Field(50 * 1024 * 1024, ge=1, description="larger objects are refused unread")
 
     # --- local stack -----------------------------------------------------------------------------
-    stack_dir: Path = Field(Path(".hashlake"), description="pids, logs, ports and data of `hashlake stack`")
+    stack_dir: Path = Field(DEFAULT_STACK_DIR, description="pids, logs, ports and data of `hashlake stack`")
     metrics_port: int = Field(9108, description="first port of the Prometheus exporters")
 
     @field_validator("s3_endpoint")
@@ -119,10 +133,29 @@ class Settings(BaseSettings):
             if not Path(toml_path).is_file():
                 raise FileNotFoundError(f"HASHLAKE_CONFIG points to {toml_path!r}, which is not a file")
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        elif _stack_config.get() is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_stack_config.get()))
         return tuple(sources)
+
+
+def stack_config_file() -> Path | None:
+    """The local stack's settings file, ``<HASHLAKE_STACK_DIR or .hashlake>/stack.toml`` (relative to the
+    current folder), when it exists."""
+    path = Path(os.environ.get("HASHLAKE_STACK_DIR", DEFAULT_STACK_DIR)) / STACK_CONFIG_FILE
+    return path if path.is_file() else None
+
+
+def load_settings() -> Settings:
+    """Settings as the faces read them: environment over the TOML file ``HASHLAKE_CONFIG`` names or, when
+    it is unset, over the local stack's ``stack.toml`` (``stack_config_file``), over the defaults."""
+    token = _stack_config.set(None if "HASHLAKE_CONFIG" in os.environ else stack_config_file())
+    try:
+        return Settings()
+    finally:
+        _stack_config.reset(token)
 
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """Process-wide settings, read once; tests build their own ``Settings(...)`` instead."""
-    return Settings()
+    """``load_settings()``, read once per process; tests build their own ``Settings(...)`` instead."""
+    return load_settings()

@@ -25,12 +25,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hashlake.config import Settings
+from hashlake.config import STACK_CONFIG_FILE, Settings
 from hashlake.services import (ServiceError, Service, find_executable, free_port, port_open, spawn,
                                start_moto, start_postgres, start_redis, wait_ready)
 
 STATE_FILE = "stack.json"
-CONFIG_FILE = "stack.toml"
+CONFIG_FILE = STACK_CONFIG_FILE
 # The catalog's roles in the local stack (the query role's password is Settings' default): local-only
 # secrets, like the S3 keys below; a deployment sets its own through HASHLAKE_PG_PASSWORD.
 LOCAL_PG_USER = "hashlake"

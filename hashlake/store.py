@@ -6,6 +6,7 @@ Errors are split in two kinds, because the pipeline treats them differently:
 """
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,7 +36,14 @@ class ObjectRefused(StoreError):
     someone changes its permissions or state, so it is recorded, not retried."""
 
 
+class ObjectExists(StoreError):
+    """A conditional create (``ObjectStore.create``) found the key already taken by other bytes."""
+
+
 _MISSING_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "NoSuchVersion"}
+# A conditional write that lost: 412 when the key exists, 409 when S3 saw a concurrent conditional
+# write to it still in progress (AWS documents both for PutObject with If-None-Match).
+_EXISTS_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,29 @@ class ObjectStore:
                                          content_type=content_type, metadata=metadata)
         return _strip_etag(res.etag)
 
+    def create(self, bucket: str, key: str, body: bytes, *, content_type: str = "application/octet-stream") -> str:
+        """Write an object only if ``key`` does not exist yet, atomically (``If-None-Match: *``); return
+        its etag, or raise ``ObjectExists``. Of concurrent creates of one key, exactly one succeeds.
+
+        The server decides, in one request: MinIO, AWS S3 and moto_server (5.2.5, ``put_object`` in
+        ``moto/s3/responses.py``) all answer 412 PreconditionFailed to a PUT with ``If-None-Match: *``
+        over an existing key. The minio SDK's ``put_object`` turns unknown headers into user metadata,
+        so this sends the single PutObject through its ``_put_object`` with the header as is (one PUT,
+        up to S3's 5 GiB single-PUT limit). A transport-level retry of a create that did succeed finds
+        its own bytes: that counts as success (a single PUT's etag is the body's MD5)."""
+        headers = {"Content-Type": content_type, "If-None-Match": "*"}
+        try:
+            with self._errors(bucket, key):
+                res = self.client._put_object(bucket, key, body, headers=headers)
+        except ObjectRefused as exc:
+            if not isinstance(exc.__cause__, S3Error) or exc.__cause__.code not in _EXISTS_CODES:
+                raise
+            existing = self.stat(bucket, key)
+            if existing.etag == hashlib.md5(body).hexdigest():
+                return existing.etag
+            raise ObjectExists(f"s3://{bucket}/{key} already exists (etag {existing.etag})") from None
+        return _strip_etag(res.etag)
+
     def delete(self, bucket: str, key: str) -> None:
         with self._errors(bucket, key):
             self.client.remove_object(bucket, key)
@@ -166,7 +197,10 @@ class ObjectStore:
                     raise StoreUnavailable(f"{self.where}: {exc.code}") from exc
                 raise ObjectRefused(f"{self.where}: {exc.code}: {exc.message}") from exc
             if isinstance(exc, (urllib3.exceptions.HTTPError, OSError)):
-                raise StoreUnavailable(f"{self.where}: object store unreachable ({exc.__class__.__name__}: {exc})") from exc
+                # urllib3's MaxRetryError repeats the URL around its reason: name the reason only
+                cause = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason else exc
+                raise StoreUnavailable(f"{self.where}: object store unreachable "
+                                       f"({cause.__class__.__name__}: {cause})") from exc
             return False
 
 

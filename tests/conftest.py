@@ -22,6 +22,8 @@ PG_SUPERUSER, PG_PASSWORD = "hashlake", "hashlake-test-pw"
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR10 = ROOT.parent / "shared" / "datasets" / "cifar10.parquet"
+# The intake refuses tokens under 16 characters (workers.intake.webhook.MIN_TOKEN_CHARS).
+WEBHOOK_TOKEN = "test-webhook-token-0123456789"
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +69,7 @@ def settings(redis_service, s3_service, pg_service, tmp_path) -> Settings:
         index_bucket=f"hashlake-{suffix}",
         redis_url=f"redis://127.0.0.1:{redis_service.port}/0",
         events_key=f"minio-events-{suffix}",
-        webhook_token="test-token",
+        webhook_token=WEBHOOK_TOKEN,
         stack_dir=tmp_path / "stack",
         pg_port=pg_service.port,
         pg_user=PG_SUPERUSER,

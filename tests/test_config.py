@@ -1,4 +1,6 @@
 """Settings: environment over TOML over defaults; secrets never shown; bad values named."""
+import os
+
 import pytest
 from pydantic import ValidationError
 
@@ -39,3 +41,26 @@ def test_bad_values_are_refused():
         Settings(batch_size=0)
     with pytest.raises(ValidationError, match="no_such_setting"):
         Settings(no_such_setting=1)
+
+
+def test_load_settings_reads_the_local_stack_of_the_current_folder(tmp_path, monkeypatch):
+    from hashlake.config import load_settings
+
+    for name in [n for n in os.environ if n.startswith("HASHLAKE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    assert load_settings().s3_endpoint == "http://127.0.0.1:9000"  # no stack here: the defaults
+    (tmp_path / ".hashlake").mkdir()
+    (tmp_path / ".hashlake" / "stack.toml").write_text('s3_endpoint = "http://127.0.0.1:41234"\nbatch_size = 7\n')
+    assert load_settings().s3_endpoint == "http://127.0.0.1:41234"
+    assert Settings().s3_endpoint == "http://127.0.0.1:9000"  # a plain Settings() never looks for a stack
+    monkeypatch.setenv("HASHLAKE_BATCH_SIZE", "9")
+    assert load_settings().batch_size == 9  # the environment still wins
+    other = tmp_path / "other.toml"
+    other.write_text("batch_size = 3\n")
+    monkeypatch.delenv("HASHLAKE_BATCH_SIZE")
+    monkeypatch.setenv("HASHLAKE_CONFIG", str(other))
+    assert (load_settings().batch_size, load_settings().s3_endpoint) == (3, "http://127.0.0.1:9000")
+    monkeypatch.delenv("HASHLAKE_CONFIG")
+    monkeypatch.setenv("HASHLAKE_STACK_DIR", str(tmp_path / "elsewhere"))
+    assert load_settings().batch_size == 32  # the stack lives where HASHLAKE_STACK_DIR says

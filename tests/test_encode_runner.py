@@ -238,3 +238,95 @@ def test_record_crashed_writes_one_row_per_object_naming_the_deaths(settings, st
                                                                       model_card.version)
     assert "killed the worker process 6 times (2 in a batch of its own, 4 in the larger batches" in row["detail"]
     assert "signal 9 (SIGKILL)" in row["detail"]
+
+
+# -- one bad object never takes its batch down ------------------------------------------------------
+def _saved(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+def pillow_plugin_failures() -> dict[str, tuple[bytes, str]]:
+    """Real files on which Pillow's plugins raise outside OSError/ValueError/SyntaxError (found by
+    mutating valid files): key → (bytes, the exception type the failure row must name)."""
+    gradient = Image.linear_gradient("L").resize((24, 20)).convert("RGB")
+    dds = bytearray(_saved(gradient.convert("RGBA"), "DDS"))
+    dds[80:84] = (0).to_bytes(4, "little")  # DDS_PIXELFORMAT.dwFlags: no RGB, no FourCC bit
+    blp = bytearray(_saved(gradient.convert("P"), "BLP"))
+    blp[4:8] = (0x00FF0001).to_bytes(4, "little")  # BLP2 compression field: not one Pillow implements
+    files = {"odd/pixel-format.dds": (bytes(dds), "NotImplementedError"),
+             "odd/compression.blp": (bytes(blp), "BLPFormatError")}
+    from PIL import features
+
+    if features.check("avif"):
+        avif = bytearray(_saved(gradient, "AVIF"))
+        avif[125] = 255  # inside the meta box: libavif finds no image item
+        files["odd/item.avif"] = (bytes(avif), "RuntimeError")
+    return files
+
+
+def test_pillow_plugin_errors_are_failure_rows_and_the_rest_is_indexed(settings, store, model_card, cifar_jpegs):
+    odd = pillow_plugin_failures()
+    good = [(f"cifar/{i}.jpg", body, "") for i, (_, _, body) in enumerate(cifar_jpegs[:5])]
+    refs = upload(store, settings.images_bucket, good + [(key, body, "") for key, (body, _) in odd.items()])
+    result = encode_batch(Batch("encode", tuple(refs)), settings, ModelHandle(settings, store), store=store)
+    assert result.encoded == 5 and result.failures_by_reason == {"corrupt": len(odd)}
+    assert sorted(r["key"] for r in lake_rows(settings, "codes")) == sorted(k for k, _, _ in good)
+    failures = {f["key"]: f for f in lake_rows(settings, "failures")}
+    assert sorted(failures) == sorted(odd)
+    for key, (body, exception) in odd.items():
+        assert failures[key]["detail"].startswith(f"s3://{settings.images_bucket}/{key}: ")
+        assert f"({exception}: " in failures[key]["detail"]
+        assert failures[key]["etag"] == hashlib.md5(body).hexdigest()
+
+
+@pytest.fixture
+def faulty_card(settings, store):
+    import faulty_model  # noqa: F401 — registers faulty_effnetlite0_64 (imported here, not at collection)
+
+    return init_model(settings, "faulty_effnetlite0_64", img_size=IMG_SIZE, store=store)
+
+
+def test_a_forward_that_raises_fails_the_batch_naming_it_and_writes_nothing(settings, store, faulty_card, cifar_jpegs):
+    from workers.encode.runner import ForwardFailed
+
+    flat = _saved(Image.new("RGB", (40, 30), (250, 250, 250)), "PNG")
+    good = [(f"cifar/{i}.jpg", body, "") for i, (_, _, body) in enumerate(cifar_jpegs[:5])]
+    refs = upload(store, settings.images_bucket, [("flat.png", flat, "")] + good)
+    handle = ModelHandle(settings, store)
+    batch = Batch("encode", tuple(refs))
+    with pytest.raises(ForwardFailed, match=rf"over 6 images of batch {batch.batch_id} \(s3://.*/flat.png and 5 more\) "
+                                            r"raised ValueError: faulty model: 1 flat image"):
+        encode_batch(batch, settings, handle, store=store)
+    assert lake_rows(settings, "codes") == lake_rows(settings, "failures") == []  # nothing: the batch comes again
+    # Without the flat image the same model encodes (the codes of lsh_effnetlite0_64).
+    assert encode_batch(Batch("encode", tuple(refs[1:])), settings, handle, store=store).encoded == 5
+
+
+def test_record_crashed_names_the_error_of_a_batch_that_raised(settings, store, model_card):
+    ref = ObjectRef(settings.images_bucket, "flat.png", "abc123")
+    history = History(2, "", "ForwardFailed in pool process 7: the forward of model m over 1 images raised ValueError")
+    record_crashed(Batch("encode", (ref,), crashes=2), history, settings, ModelHandle(settings, store))
+    [row] = lake_rows(settings, "failures")
+    assert row["reason"] == "crashed_worker"
+    assert row["detail"].startswith("s3://") and "encoding it failed 4 times (2 in a batch of its own" in row["detail"]
+    assert "last error: ForwardFailed in pool process 7" in row["detail"]
+
+
+def test_an_error_preparing_images_fails_the_batch_and_is_never_recorded(settings, store, cifar_jpegs):
+    """Not a refusal: a preprocessing that fails on every image must not turn the bucket into failure rows.
+    The batch fails naming the object (workers.tasks splits it); alone, the object is not recorded either,
+    since this process cannot encode its own self-check image."""
+    import faulty_model  # noqa: F401 — registers faultyprep_effnetlite0_64
+
+    from workers.encode.runner import LoadFailed
+
+    init_model(settings, "faultyprep_effnetlite0_64", img_size=IMG_SIZE, store=store)
+    refs = upload(store, settings.images_bucket, [(f"k{i}.jpg", body, "") for i, (_, _, body) in enumerate(cifar_jpegs[:3])])
+    handle = ModelHandle(settings, store)
+    with pytest.raises(LoadFailed, match=r"loading s3://.*/k\d.jpg for batch \w+ raised RuntimeError"):
+        encode_batch(Batch("encode", tuple(refs)), settings, handle, store=store)
+    with pytest.raises(RuntimeError):
+        record_crashed(Batch("encode", tuple(refs[:1])), History(2, "", "LoadFailed ..."), settings, handle)
+    assert lake_rows(settings, "codes") == lake_rows(settings, "failures") == []

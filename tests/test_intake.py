@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -15,24 +18,26 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
+from pydantic import SecretStr
 
+from conftest import WEBHOOK_TOKEN, cli_env
 from hashlake.catalog import ModelNotFound
 from hashlake.services import free_port, start_redis
 from hashlake.lake import init_lake
 from hashlake.lake.schema import CODES_SCHEMA, FAILURES_SCHEMA, epoch_ns
 from hashlake.lake.writer import shared_writer
-from workers.intake import reconcile_once
+from workers.intake import reconcile_once, run_intake
 from workers.intake.batcher import Batcher
 from workers.intake.events import MalformedEvent, ObjectEvent, parse_access_element, parse_webhook_body
-from workers.intake.pending import IntakeKeys, claim_many, decode_entry, encode_entry, intake_redis
+from workers.intake.pending import IntakeKeys, claim_many, decode_entry, encode_entry, intake_redis, read_dead_letters
 from workers.intake.reconciler import Reconciler, open_reconciler
 from workers.intake.redis_source import RedisListConsumer
 from workers.intake.sender import BatchSender, task_queue_names
-from workers.intake.webhook import WEBHOOK_PATH, create_webhook_app
+from workers.intake.webhook import MAX_BODY_BYTES, WEBHOOK_PATH, WeakWebhookToken, create_webhook_app
 from workers.messages import ENCODE_TASK, TOMBSTONE_TASK, ObjectRef, batch_id_for
 
 EVENTS = Path(__file__).resolve().parents[2] / "shared" / "events"
-AUTH = {"Authorization": "Bearer test-token"}
+AUTH = {"Authorization": f"Bearer {WEBHOOK_TOKEN}"}
 INTAKE_DB = 11  # a Redis db of these tests' own: the Celery queue list in it holds only what they sent
 
 
@@ -168,6 +173,22 @@ def test_webhook_requires_the_bearer_token(webhook, client, keys):
     assert client.llen(keys.pending) == 0
 
 
+@pytest.mark.parametrize("token, problem", [("", "is empty"), ("   ", "is empty"), ("change-me", "is the default"),
+                                            ("fifteen-chars15", "has 15 characters")])
+def test_the_intake_refuses_to_start_with_a_token_anyone_could_guess(event_settings, client, keys, token, problem):
+    weak = event_settings.model_copy(update={"webhook_token": SecretStr(token)})
+    for start in (lambda: create_webhook_app(weak, client, keys),
+                  lambda: run_intake(weak, stop=threading.Event(), metrics_port=0)):
+        with pytest.raises(WeakWebhookToken) as refused:
+            start()
+        message = str(refused.value)
+        assert f"(HASHLAKE_WEBHOOK_TOKEN) {problem}" in message and "at least 16 characters" in message
+        assert "set HASHLAKE_WEBHOOK_TOKEN=" in message and "secrets.token_urlsafe" in message
+    # 16 characters is enough; the conftest's token is longer than that.
+    create_webhook_app(event_settings.model_copy(update={"webhook_token": SecretStr("x" * 16)}), client, keys)
+    assert len(WEBHOOK_TOKEN) >= 16
+
+
 def test_webhook_queues_samples_and_multi_record_bodies(webhook, client, keys):
     assert webhook.post(WEBHOOK_PATH, content=sample("webhook-put.json"), headers=AUTH).json() == {
         "queued": 1, "ignored": 0}
@@ -190,13 +211,36 @@ def test_webhook_ignores_other_event_types_and_buckets(webhook, client, keys):
     assert [r[2] for r in pending_refs(client, keys)] == ["mine.jpg"]
 
 
-def test_webhook_malformed_body_is_400_and_valid_records_still_queued(webhook, client, keys):
+def test_webhook_malformed_bodies_are_dead_lettered_and_answered_2xx(webhook, client, keys, event_settings):
+    """MinIO retries every non-2xx answer for ever: a bad record must not make it loop (re-queueing the
+    valid records of its body each time). The valid records are queued, the body kept for a person."""
     bad_json = webhook.post(WEBHOOK_PATH, content=b'{"Records": [', headers=AUTH)
-    assert bad_json.status_code == 400 and "not JSON" in bad_json.json()["detail"]
+    assert bad_json.status_code == 200 and bad_json.json()["queued"] == 0 and bad_json.json()["dead_lettered"] == 1
+    assert "not JSON" in bad_json.json()["errors"][0]
     mixed = webhook.post(WEBHOOK_PATH, json={"Records": [record(key="good.jpg"), record(etag=5)]}, headers=AUTH)
-    assert mixed.status_code == 400
-    assert mixed.json()["queued"] == 1 and mixed.json()["errors"] == ["Records[1]: s3.object.eTag must be str, got int"]
+    assert mixed.status_code == 200
+    assert mixed.json() == {"queued": 1, "ignored": 0, "dead_lettered": 1,
+                            "errors": ["Records[1]: s3.object.eTag must be str, got int"]}
+    huge = webhook.post(WEBHOOK_PATH, content=b"x" * (MAX_BODY_BYTES + 1), headers=AUTH)
+    assert huge.status_code == 200 and huge.json()["dead_lettered"] == 1
     assert [r[2] for r in pending_refs(client, keys)] == ["good.jpg"]
+
+    total, letters = read_dead_letters(client, keys)
+    assert total == 3 and [letter.source for letter in letters] == ["webhook"] * 3
+    assert letters[0].element == '{"Records": [' and "not JSON" in letters[0].reason
+    assert letters[1].reason == "Records[1]: s3.object.eTag must be str, got int (1 valid records were queued)"
+    assert '"eTag": 5' in letters[1].element.replace('"eTag":5', '"eTag": 5')
+    assert len(letters[2].element) == 64 * 1024 and f"over {MAX_BODY_BYTES}" in letters[2].reason
+    assert read_dead_letters(client, keys, limit=1) == (3, letters[2:])
+    assert REGISTRY.get_sample_value("hashlake_intake_dead_lettered_total", {"source": "webhook"}) >= 3
+
+    # `hashlake intake dead-letters` reads them, newest last, and says how many there are.
+    out = subprocess.run([sys.executable, "-m", "hashlake.cli", "intake", "dead-letters", "--limit", "2"],
+                         env={**os.environ, **cli_env(event_settings), "COLUMNS": "200"}, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "s3.object.eTag must be str, got int" in out.stdout and "not JSON" not in out.stdout
+    assert f"2 of 3 dead letters in {keys.dead}" in out.stdout
 
 
 def test_webhook_dead_broker_is_503_and_nothing_lost_after_restart(event_settings, tmp_path):

@@ -16,6 +16,7 @@ import pytest
 import redis
 from pydantic import SecretStr
 
+from conftest import WEBHOOK_TOKEN
 from hashlake.services import free_port, port_open, spawn, wait_until
 from workers.intake import run_intake
 from workers.intake.events import minio_record, webhook_body
@@ -44,7 +45,7 @@ def start_intake(settings, log: Path):
 
 def post(settings, body: bytes) -> int:
     req = urllib.request.Request(f"http://127.0.0.1:{settings.webhook_port}/minio/events", data=body,
-                                 headers={"Authorization": "Bearer test-token"}, method="POST")
+                                 headers={"Authorization": f"Bearer {WEBHOOK_TOKEN}"}, method="POST")
     with urllib.request.urlopen(req, timeout=10) as resp:
         return resp.status
 
@@ -127,7 +128,7 @@ def test_webhook_answers_kept_alive_connections_without_delayed_ack_stalls(setti
     try:
         wait_until(lambda: port_open(own.webhook_port), 30, "the intake webhook")
         conn = http.client.HTTPConnection("127.0.0.1", own.webhook_port, timeout=10)
-        headers = {"Authorization": "Bearer test-token", "Content-Type": "application/json"}
+        headers = {"Authorization": f"Bearer {WEBHOOK_TOKEN}", "Content-Type": "application/json"}
         started = time.perf_counter()
         for i in range(20):
             body = webhook_body([minio_record("s3:ObjectCreated:Put", own.images_bucket, f"k{i}.jpg",

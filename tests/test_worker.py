@@ -400,3 +400,42 @@ def test_a_batch_that_never_finishes_is_killed_at_the_time_limit_requeued_and_re
         wait_until(lambda: broker.llen("hashlake") == 0 and broker.hlen("unacked") == 0, 30, "an empty queue")
     finally:
         worker.stop()
+
+
+def test_a_forward_that_raises_on_one_image_is_isolated_and_recorded(wsettings, store, tmp_path, cifar_jpegs):
+    """The active model's forward raises ValueError on any batch holding a flat image (tests/faulty_model.py,
+    loaded into the worker with --include). The task is not acked with its objects dropped: each failed
+    delivery counts as a death, the batch is split until the flat image is alone, then recorded naming
+    the error; every other image is indexed."""
+    import io
+
+    from PIL import Image
+
+    import faulty_model  # noqa: F401 — registers faulty_effnetlite0_64 in this process too
+
+    s = wsettings
+    card = init_model(s, "faulty_effnetlite0_64", img_size=IMG_SIZE, store=store)
+    good = upload_cifar(store, s.images_bucket, cifar_jpegs, 100, 6)
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (250, 250, 250)).save(buf, "PNG")
+    flat_etag = store.put(s.images_bucket, "flat.png", buf.getvalue())
+    batch = Batch("encode", tuple(good[:2] + [ObjectRef(s.images_bucket, "flat.png", flat_etag)] + good[2:]))
+    tests_dir = str(ROOT / "tests")
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH", "")) if p)}
+    worker = Worker(s, tmp_path, "w8", env=env, args=["--include", "faulty_model"])
+    try:
+        send(s, ENCODE_TASK, batch)
+        [failure] = wait_for_rows(s, "failures", 1, worker, timeout_s=120)
+        assert (failure["key"], failure["etag"], failure["reason"]) == ("flat.png", flat_etag, "crashed_worker")
+        assert "encoding it failed 8 times" in failure["detail"]  # in batches of 7, 3, 2 and 1 objects: 2 each
+        assert "ValueError: faulty model: 1 flat image(s) in a batch of 1" in failure["detail"]
+        good_keys = sorted(r.key for r in good)
+        wait_until(lambda: sorted({r["key"] for r in lake_rows(s, "codes")}) == good_keys,
+                   60, "every other image indexed", worker.service.proc, worker.log)
+        broker = redis.Redis.from_url(s.redis_url)
+        wait_until(lambda: broker.llen("hashlake") == 0 and broker.hlen("unacked") == 0, 30, "an empty queue")
+        wait_until(lambda: ledger_keys(s) == [], 10, "the ledger to forget the batches")
+        assert "WorkerLostError" not in worker.text()  # no process died: the errors were caught and counted
+        assert worker.metrics()[("hashlake_worker_failures_total", (("reason", "crashed_worker"),))] == 1
+    finally:
+        worker.stop()

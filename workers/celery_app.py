@@ -37,7 +37,7 @@ def make_app(settings: Settings) -> Celery:
         task_ignore_result=True,  # outputs are shards; nobody waits on results
         task_default_queue=QUEUE,
         # At-least-once: ack after the task finished; a pool child that dies mid-batch gets its
-        # message requeued at once (reject_on_worker_lost). Retried batches overwrite their own shards.
+        # message requeued at once (reject_on_worker_lost). A retried batch adds nothing the lake holds.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,  # one batch in hand per process: nothing waits behind a slow batch

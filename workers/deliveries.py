@@ -9,11 +9,14 @@ child:
     hashlake:deliveries:<key>        unfinished  int  starts of the task body minus its clean ends
                                      exit        str  how the last child died, as its node saw it
                                                       ("Worker exited prematurely: signal 9 (SIGKILL) ...")
-                                     cause       str  what the child knew before it died ("MemoryError ...")
+                                     cause       str  what the child knew before it died ("MemoryError ..."),
+                                                      or the error a delivery raised ("ForwardFailed ...")
 
 A delivery is counted when the task body starts and uncounted when it returns or raises (a Celery retry
 included): a child that dies never uncounts it, so ``unfinished`` counts the deaths, whole-node deaths
-included (their message comes back after the visibility timeout). A duplicate of the batch running at
+included (their message comes back after the visibility timeout). A delivery that raises an error
+that is neither a refusal nor transient (``fail``) stays counted too: a forward that raises on one
+image is isolated the way an image that kills the process is. A duplicate of the batch running at
 that moment on another node also looks unfinished; that rare case costs a needless split, never an object.
 A batch done for good (encoded, split, or recorded) deletes its hash; the rest expire ``EXPIRE_S`` after
 their last start.
@@ -99,6 +102,18 @@ class DeliveryLedger:
             # The start stays counted, as one death: two such blips are needed to split a batch.
             log.warning("delivery ledger unavailable (%s: %s); batch %s stays counted as unfinished",
                         exc.__class__.__name__, exc, batch_id)
+
+    def fail(self, batch_id: str, cause: str) -> None:
+        """A delivery whose task body raised an error that is neither a refusal nor transient (a forward
+        that raises, a bug): it stays counted, as a death, so that the batch is split like one that
+        kills its worker; ``cause`` replaces the last death's, and no process exit goes with it."""
+        key = self.key(batch_id)
+        try:
+            (self.client.pipeline(transaction=True).hset(key, "cause", cause[:500]).hdel(key, "exit")
+             .expire(key, self.expire_s).execute())
+        except redis.RedisError as exc:
+            log.warning("delivery ledger unavailable (%s: %s); the error of batch %s is only in this log: %s",
+                        exc.__class__.__name__, exc, batch_id, cause)
 
     def note(self, batch_id: str, field: str, text: str) -> None:
         """Record ``exit`` (by the node's main process) or ``cause`` (by the dying child) of the last death."""

@@ -10,9 +10,12 @@ reject_on_worker_lost). Each delivery of an encode batch is counted in the deliv
 does not encode it again: it sends the two halves as new batches (``runner.split_batch``), or, for a
 batch of one object, records that object as a ``crashed_worker`` failure (``runner.record_crashed``).
 One poison image among 32 thus costs about 2 × (1 + log2 32) = 12 child restarts; every other object
-is indexed. A MemoryError (under a memory rlimit, or with overcommit off) is made a death too: the
-child exits, so that the batch takes the same path as one the OOM killer ended (a failed task would
-be acked and its other objects dropped), and the next child starts on a clean heap. So is a child
+is indexed. A delivery that raises an error that is neither transient nor one object's refusal (a
+forward that raises: ``runner.ForwardFailed``, ``runner.LoadFailed``) is counted the same way, and retried after a backoff
+instead of acked with its objects dropped. A MemoryError (under a memory rlimit, or with overcommit
+off) is made a death too: the child exits, so that the batch takes the same path as one the OOM
+killer ended (a failed task would be acked and its other objects dropped), and the next child starts
+on a clean heap. So is a child
 killed at the hard time limit: its batch is requeued (``acks_on_timeout=False``), not dropped.
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from celery import Task, signals
 from celery.exceptions import Reject, WorkerLostError
+from celery.utils.time import get_exponential_backoff_interval
 from celery.worker.request import Request
 from kombu.exceptions import OperationalError
 
@@ -142,9 +146,11 @@ def encode_batch_task(batch_json: dict) -> dict:
             summary = result.summary()
     except MemoryError as exc:
         _die_out_of_memory(batch, exc, proc.ledger)  # never returns: the start stays counted, as a death
-    except Exception:
-        proc.ledger.finish(batch.delivery_key, done=False)  # a retry or a failed task: it comes again, nothing died
+    except (*TRANSIENT, Reject):
+        proc.ledger.finish(batch.delivery_key, done=False)  # a retry or a requeue: it comes again, nothing died
         raise
+    except Exception as exc:
+        _retry_as_a_death(batch, exc, proc.ledger)  # never returns: the start stays counted, as a death
     # Not reached either when the process is being ended mid-batch (SystemExit at the hard time limit,
     # a cold shutdown): that start stays counted too.
     proc.ledger.finish(batch.delivery_key, done=True)
@@ -175,6 +181,24 @@ def _isolate(batch: Batch, history: History, proc: type[_Process]) -> dict:
               " and ".join(f"{h.batch_id} ({len(h.objects)})" for h in halves))
     metrics.BATCHES.labels("encode", "split").inc()
     return {"batch_id": batch.batch_id, "split_into": [h.batch_id for h in halves]}
+
+
+def _retry_as_a_death(batch: Batch, exc: Exception, ledger: DeliveryLedger) -> None:
+    """An error that is neither a refusal of one object (those are failure rows) nor transient: the
+    forward raised (``ForwardFailed``: a model that fails on some input, torch out of memory on the
+    batch) or a bug. Acking the task would drop every object of the batch, so it counts as a death
+    in the ledger and the batch is delivered again after a backoff: the delivery that finds
+    ``CRASHES_BEFORE_SPLIT`` of them splits it, and the object that makes it fail ends alone and
+    recorded as ``crashed_worker`` naming the error. The backoff (as ``RETRY_OPTIONS``) keeps a model
+    that fails on everything, self-check included, from spinning."""
+    cause = f"{exc.__class__.__name__} in pool process {os.getpid()}: {exc}"
+    ledger.fail(batch.delivery_key, cause)
+    retries = encode_batch_task.request.retries
+    countdown = get_exponential_backoff_interval(RETRY_OPTIONS["retry_backoff"], retries,
+                                                 RETRY_OPTIONS["retry_backoff_max"], RETRY_OPTIONS["retry_jitter"])
+    log.error("batch %s (%s) failed: %s; delivered again in %d s, split after %d such failures", batch.batch_id,
+              _where(batch), cause, countdown, CRASHES_BEFORE_SPLIT, exc_info=exc)
+    raise encode_batch_task.retry(exc=exc, countdown=countdown)
 
 
 def _die_out_of_memory(batch: Batch, exc: MemoryError, ledger: DeliveryLedger) -> None:

@@ -3,22 +3,24 @@
 A refusal is permanent for that (bucket, key, etag): it becomes one row of the lake's failures
 table and the rest of the batch is still indexed. Transient trouble (``StoreUnavailable``) is never
 a refusal: the task is retried instead. ``crashed_worker`` is the one reason no exception carries: an
-object whose batch of one kept killing the worker process (see ``workers.deliveries``).
+object whose batch of one kept killing the worker process, or making the forward raise (see
+``workers.deliveries``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hashing_models.decode import EMPTY, NOT_AN_IMAGE, TOO_MANY_PIXELS, TRUNCATED, UndecodableImage
+from hashing_models.decode import CORRUPT, EMPTY, NOT_AN_IMAGE, TOO_MANY_PIXELS, TRUNCATED, UndecodableImage
 from workers.messages import ObjectRef
 
 # The reasons, as written in failures.reason (and as the label of the failures metric): the
-# decoder's four (hashing_models.decode), the store's, and the worker's own.
+# decoder's five (hashing_models.decode), the store's, and the worker's own.
 TOO_LARGE = "too_large"  # over Settings.max_object_bytes, refused unread
 MISSING = "missing"  # the object vanished between the event and the read
 UNREADABLE = "unreadable"  # the store refuses to serve it (AccessDenied, an archived object, ...)
-CRASHED_WORKER = "crashed_worker"  # encoding it alone killed the worker process, delivery after delivery
-REASONS = (EMPTY, NOT_AN_IMAGE, TRUNCATED, TOO_MANY_PIXELS, TOO_LARGE, MISSING, UNREADABLE, CRASHED_WORKER)
+# Encoding it alone killed the worker process, or raised (its forward, its preparation), delivery after delivery.
+CRASHED_WORKER = "crashed_worker"
+REASONS = (EMPTY, NOT_AN_IMAGE, TRUNCATED, CORRUPT, TOO_MANY_PIXELS, TOO_LARGE, MISSING, UNREADABLE, CRASHED_WORKER)
 
 
 class ImageRejected(UndecodableImage):

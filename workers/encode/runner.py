@@ -3,10 +3,13 @@
 Celery task bodies call ``encode_batch`` / ``tombstone_batch``; so do the tests and the ingest
 benchmark, so all of them measure the same code. A batch that keeps killing its worker process
 (``workers.deliveries``) is cut in two by ``split_batch`` until the object that kills it is alone;
-``record_crashed`` then writes that object's failure row. Reading, decoding and preparing run on the
-process's I/O thread pool (downloads wait on the network, Pillow releases the GIL while decoding);
-the forward runs on the calling thread with torch's own intra-op threads, starting on the first
-images that are ready, so the rest of the batch downloads while the model runs.
+``record_crashed`` then writes that object's failure row. A forward that raises (``ForwardFailed``)
+takes the same path (``workers.tasks``), and so does any other error that is not a refusal (``LoadFailed``);
+a refusal of one object (any error of the decoder included) is that object's failure row, never the batch's.
+Reading, decoding and preparing run on the process's I/O thread pool (downloads wait on the network,
+Pillow releases the GIL while decoding); the forward runs on the calling thread with torch's own
+intra-op threads, starting on the first images that are ready, so the rest of the batch downloads
+while the model runs.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import numpy as np
 from hashing_models.decode import UndecodableImage, decode_image
 from hashlake.config import Settings
 from hashlake.lake.writer import LakeWriter, shared_writer
-from hashlake.store import ObjectStore
+from hashlake.store import ObjectStore, StoreUnavailable
 from workers.encode import model as model_stage
 from workers.encode.model import LoadedModel, ModelHandle
 from workers.encode.read import Fetched, io_pool, read_object
@@ -41,6 +44,18 @@ TEST_INFER_DELAY_ENV = "HASHLAKE_TEST_INFER_DELAY_S"
 # images/s is flat from batch ~8 up (measured at 64–128 px), so chunks of ≥ 8 cost no throughput
 # and let the rest of the batch download during the forward.
 MIN_FORWARD_CHUNK = 8
+
+
+class ForwardFailed(RuntimeError):
+    """The model's forward raised on a chunk of the batch (torch's out-of-memory included): the batch
+    as a whole failed, not one object, so it is split like one that kills its worker (``workers.tasks``)."""
+
+
+class LoadFailed(RuntimeError):
+    """Reading or preparing one object raised an error that is no refusal (the decoder's errors all
+    are): it may be that object or a fault of every object (a broken preprocessing), so the batch is
+    split like one that kills its worker, and the object, once alone, recorded only after this process
+    encoded its self-check image (``record_crashed``)."""
 
 
 @dataclass
@@ -85,13 +100,28 @@ def unique_refs(objects: tuple[ObjectRef, ...]) -> list[ObjectRef]:
 
 def load_one(store: ObjectStore, settings: Settings, loaded: LoadedModel, ref: ObjectRef) -> _Loaded:
     """Read ▶ decode ▶ prepare one object (runs on an I/O thread). Refusals raise ``ImageRejected``
-    carrying the etag of the bytes read, when a read happened."""
+    carrying the etag of the bytes read, when a read happened; any error of the decoder is one.
+    ``MemoryError`` (torch's allocation failures made one) and anything else pass through."""
     fetched = read_object(store, ref, settings.max_object_bytes)
     try:
         image = decode_image(fetched.body, settings.max_image_pixels, name=f"s3://{ref.bucket}/{ref.key}")
     except UndecodableImage as exc:
         raise ImageRejected(exc.reason, exc.detail, etag=fetched.info.etag) from None
-    return _Loaded(fetched, model_stage.prepare(loaded, [image]))
+    try:
+        return _Loaded(fetched, model_stage.prepare(loaded, [image]))
+    except Exception as exc:
+        if _out_of_memory(exc):
+            raise MemoryError(f"{exc.__class__.__name__}: {exc}") from exc
+        raise
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch's allocation failures: ``torch.OutOfMemoryError`` (CUDA), and on CPU a RuntimeError
+    ("DefaultCPUAllocator: can't allocate memory", torch 2.14)."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
 def encode_batch(batch: Batch, settings: Settings, model_handle: ModelHandle, *,
@@ -149,10 +179,11 @@ def _read_and_encode(refs: list[ObjectRef], store: ObjectStore, settings: Settin
     """Load every ref on the I/O pool; forward the images as they arrive, in chunks of at least
     ``MIN_FORWARD_CHUNK`` (or whatever remains): the downloads still running overlap the forward.
 
-    Returns (loaded, failures, codes (N, bits/8) in the order of loaded, read_s, infer_s).
+    Returns (loaded, failures, codes (N, bits/8) in the order of loaded, read_s, infer_s). Raises
+    ``ForwardFailed`` when a chunk's forward raises, ``LoadFailed`` when loading an object raised
+    anything but a refusal, ``StoreUnavailable`` when the store does not answer, ``MemoryError`` naming
+    the object whose load ran out.
     """
-    import torch
-
     started = time.perf_counter()
     pool = io_pool(settings.download_concurrency)
     futures = [pool.submit(load_one, store, settings, loaded, ref) for ref in refs]
@@ -172,6 +203,11 @@ def _read_and_encode(refs: list[ObjectRef], store: ObjectStore, settings: Settin
             # Not a refusal (it may be the other images' share of memory); the task ends the process
             # (workers.tasks). The message names the object whose load ran out.
             raise MemoryError(f"out of memory reading or decoding s3://{ref.bucket}/{ref.key}") from exc
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            raise LoadFailed(f"loading s3://{ref.bucket}/{ref.key} for batch {batch_id} raised "
+                             f"{exc.__class__.__name__}: {exc}") from exc
         last = i == len(refs) - 1
         if last:
             read_s = time.perf_counter() - started
@@ -179,12 +215,29 @@ def _read_and_encode(refs: list[ObjectRef], store: ObjectStore, settings: Settin
             forward_started = time.perf_counter()
             if not chunks:
                 _test_delay(batch_id)
-            pixels = torch.cat([item.pixels for item in pending])  # (n, 3, S, S)
-            chunks.append(model_stage.pack(model_stage.forward(loaded, pixels)))  # (n, bits/8) uint8
+            chunks.append(_forward_chunk(loaded, pending, batch_id))  # (n, bits/8) uint8
             infer_s += time.perf_counter() - forward_started
             pending = []
     codes = np.concatenate(chunks) if chunks else np.zeros((0, loaded.card.bits // 8), np.uint8)
     return ok, failures, codes, read_s, infer_s
+
+
+def _forward_chunk(loaded: LoadedModel, items: list[_Loaded], batch_id: str) -> np.ndarray:
+    """Forward ▶ sign ▶ pack ``items``: (n, bits/8) uint8. Any error of the forward (a model that raises
+    on some input, torch out of memory on a too large chunk) becomes ``ForwardFailed`` naming the
+    batch and its objects; ``MemoryError`` passes through (the process ends, as for a read)."""
+    import torch
+
+    pixels = torch.cat([item.pixels for item in items])  # (n, 3, S, S)
+    try:
+        return model_stage.pack(model_stage.forward(loaded, pixels))
+    except MemoryError:
+        raise
+    except Exception as exc:
+        first = items[0].fetched.ref
+        where = f"s3://{first.bucket}/{first.key}" + (f" and {len(items) - 1} more" if len(items) > 1 else "")
+        raise ForwardFailed(f"the forward of model {loaded.version} over {len(items)} images of batch {batch_id} "
+                            f"({where}) raised {exc.__class__.__name__}: {exc}") from exc
 
 
 def split_batch(batch: Batch, deaths: int) -> tuple[Batch, Batch]:
@@ -216,6 +269,9 @@ def record_crashed(batch: Batch, history: History, settings: Settings, model_han
     deaths = history.unfinished
     detail = (f"encoding it killed the worker process {deaths + batch.crashes} times ({deaths} in a batch of its "
               f"own, {batch.crashes} in the larger batches it was split from); last death: {history.describe()}")
+    if not history.exit and history.cause:  # the deliveries ended in an error, not a process death
+        detail = (f"encoding it failed {deaths + batch.crashes} times ({deaths} in a batch of its own, {batch.crashes} "
+                  f"in the larger batches it was split from); last error: {history.cause}")
     failures = [Failure(ref, ref.etag, CRASHED_WORKER, f"s3://{ref.bucket}/{ref.key}: {detail}")
                 for ref in unique_refs(batch.objects)]
     lake = lake or shared_writer(settings)

@@ -109,13 +109,6 @@ def decode_entry(raw: bytes | str) -> tuple[ObjectEvent, str]:
     return ObjectEvent(kind, ref, model_version), source
 
 
-def push_pending(client: redis.Redis, keys: IntakeKeys, events: list[ObjectEvent], source: str) -> int:
-    """Append events to the pending list in one RPUSH: atomic, and durable once Redis answers."""
-    if events:
-        client.rpush(keys.pending, *(encode_entry(e, source) for e in events))
-    return len(events)
-
-
 # -- claim / give back / dead-letter ----------------------------------------------------------------
 def claim(client: redis.Redis, source: str, processing: str, timeout_s: float) -> bytes | None:
     """Move the oldest element of ``source`` to the tail of ``processing`` (atomic); None after ``timeout_s``."""
@@ -159,3 +152,29 @@ def dead_letter(pipe: redis.client.Pipeline | redis.Redis, keys: IntakeKeys, sou
     """Record an element the intake cannot use, with why; it is kept, never silently dropped."""
     pipe.rpush(keys.dead, json.dumps({"source": source, "reason": reason, "element": element.decode(errors="replace"),
                                       "at": time.time()}))
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One element of the dead-letter list, as ``dead_letter`` wrote it."""
+
+    source: str  # webhook | redis | pending
+    reason: str  # what was wrong, naming each refused record by position and field
+    element: str  # the body, list element or pending entry as received (decoded as UTF-8, errors replaced)
+    at: float  # epoch s when it was refused
+
+
+def read_dead_letters(client: redis.Redis, keys: IntakeKeys, limit: int | None = None) -> tuple[int, list[DeadLetter]]:
+    """(how many the list holds, the newest ``limit`` of them oldest first; all when None). Reading
+    removes nothing: a person clears the list (``DEL <events_key>:dead``) once they have dealt with it."""
+    total = client.llen(keys.dead)
+    start = 0 if limit is None else max(0, total - limit)
+    letters = []
+    for raw in client.lrange(keys.dead, start, -1):
+        try:
+            data = json.loads(raw)
+            letters.append(DeadLetter(str(data["source"]), str(data["reason"]), str(data["element"]),
+                                      float(data["at"])))
+        except (ValueError, KeyError, TypeError):  # written by something else: shown as it is
+            letters.append(DeadLetter("?", "not an intake dead letter", raw.decode(errors="replace"), 0.0))
+    return total, letters

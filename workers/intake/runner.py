@@ -27,7 +27,7 @@ from workers.intake.pending import IntakeKeys, intake_redis
 from workers.intake.reconciler import Reconciler, run_periodic
 from workers.intake.redis_source import RedisListConsumer
 from workers.intake.sender import BatchSender, task_queue_names
-from workers.intake.webhook import WEBHOOK_PATH, create_webhook_app
+from workers.intake.webhook import WEBHOOK_PATH, check_webhook_token, create_webhook_app
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,12 @@ class IntakeStopped(RuntimeError):
 
 def run_intake(settings: Settings, *, stop: threading.Event | None = None, metrics_port: int | None = None) -> None:
     """Run until SIGTERM/SIGINT (or ``stop`` is set). Webhook on ``settings.webhook_host:webhook_port``,
-    Prometheus metrics on ``metrics_port`` (default ``settings.metrics_port``; 0 = none)."""
+    Prometheus metrics on ``metrics_port`` (default ``settings.metrics_port``; 0 = none). Raises
+    ``WeakWebhookToken`` at once when the webhook token is empty, the default or short."""
+    check_webhook_token(settings)  # WeakWebhookToken before anything starts
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = stop or threading.Event()
     keys = IntakeKeys.for_settings(settings)
-    if settings.webhook_token.get_secret_value() == "change-me":
-        log.warning("webhook token is the default 'change-me': set HASHLAKE_WEBHOOK_TOKEN")
     with ExitStack() as cleanup:  # whatever was set up is torn down, also when a later step fails
         client = intake_redis(settings)
         cleanup.callback(client.close)
