@@ -76,18 +76,7 @@ class Settings(BaseSettings):
     stack_dir: Path = Field(Path(".hashlake"), description="pids, logs, ports and data of `hashlake stack`")
     metrics_port: int = Field(9108, description="first port of the Prometheus exporters")
 
-    # --- lake catalog (PostgreSQL) and retraining (Ray) ----------------------------------------
-    # Read by deploy/compose.yaml's services; the lake and the retraining job use them.
-    pg_host: str = Field("127.0.0.1", description="PostgreSQL server of the lake catalog")
-    pg_port: int = Field(5432, ge=1, le=65535)
-    pg_database: str = Field("hashlake", description="database holding the lake catalog")
-    pg_user: str = Field("hashlake", description="read-write role of the writers (workers, jobs, compaction)")
-    pg_password: SecretStr = SecretStr("hashlake")
-    query_pg_user: str = Field("hashlake_query", description="read-only role of query connections")
-    query_pg_password: SecretStr = SecretStr("hashlake_query")
-    query_s3_access_key: SecretStr = Field(SecretStr("hashlake-query"),
-                                           description="read-only S3 key of query connections")
-    query_s3_secret_key: SecretStr = SecretStr("hashlake-query-secret")
+    # --- retraining (Ray) ----------------------------------------------------------------------
     ray_address: str = Field("http://127.0.0.1:8265", description="the Ray Jobs API (dashboard) URL")
 
     @field_validator("s3_endpoint")
