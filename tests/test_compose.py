@@ -565,41 +565,24 @@ def test_the_ray_image_adds_a_pinned_ray():
 
 
 # --- postgres-init.sh against a real PostgreSQL ----------------------------------------------------
-def postgres_bin(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
-    return str(candidates[-1]) if candidates else None
-
-
 @pytest.fixture
 def postgres_server():
-    """A throwaway PostgreSQL cluster on a free port (as the `postgres` user when run as root)."""
-    from hashlake.services import free_port
+    """A fresh PostgreSQL whose superuser is `postgres`, as the postgres image's is."""
+    from hashlake.services import free_port, start_postgres
 
-    initdb, pg_ctl = postgres_bin("initdb"), postgres_bin("pg_ctl")
-    if not (initdb and pg_ctl and shutil.which("psql")):
-        pytest.skip("PostgreSQL missing: `make setup` installs it")
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    base = Path(tempfile.mkdtemp(prefix="hashlake-pg-"))
-    data, port = base / "data", free_port()
-    if as_user:
-        shutil.chown(base, "postgres")
-    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth=trust"], check=True,
-                   capture_output=True)
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(base / "log"), "-w", "-o",
-                    f"-p {port} -k {base} -c listen_addresses=''", "start"], check=True, capture_output=True)
+    root = Path(tempfile.mkdtemp(prefix="hashlake-test-pg-"))
+    root.chmod(0o755)  # run as root, the cluster belongs to the postgres system user
+    svc = start_postgres(free_port(), root / "data", superuser="postgres", password="admin-secret", durable=False)
     try:
-        yield {"PGHOST": str(base), "PGPORT": str(port)}
+        yield {"PGHOST": "127.0.0.1", "PGPORT": str(svc.port), "PGPASSWORD": "admin-secret"}
     finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+        svc.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
-def psql(server: dict, user: str, database: str, sql: str) -> subprocess.CompletedProcess:
+def psql(server: dict, user: str, password: str, database: str, sql: str) -> subprocess.CompletedProcess:
     return subprocess.run(["psql", "-v", "ON_ERROR_STOP=1", "-U", user, "-d", database, "-Atc", sql],
-                          env={**os.environ, **server}, capture_output=True, text=True)
+                          env={**os.environ, **server, "PGPASSWORD": password}, capture_output=True, text=True)
 
 
 def test_postgres_init_and_lake_init_give_a_writer_and_a_read_only_query_role(postgres_server):
@@ -614,23 +597,24 @@ def test_postgres_init_and_lake_init_give_a_writer_and_a_read_only_query_role(po
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     env = environment(SERVICES["model-init"])
-    settings = Settings(pg_host=postgres_server["PGHOST"], pg_port=int(postgres_server["PGPORT"]),
+    settings = Settings(pg_host="127.0.0.1", pg_port=int(postgres_server["PGPORT"]),
                         pg_database=env["HASHLAKE_PG_DATABASE"], pg_user=env["HASHLAKE_PG_USER"],
-                        query_pg_user=env["HASHLAKE_QUERY_PG_USER"])
+                        pg_password="lake-secret", query_pg_user=env["HASHLAKE_QUERY_PG_USER"],
+                        query_pg_password="query-secret")
     assert settings.pg_user == init_env["LAKE_USER"]
     ensure_catalog(settings)
     ensure_catalog(settings)  # every `up` runs it again
     lake_db, writer, reader = settings.pg_database, settings.pg_user, settings.query_pg_user
-    superuser = psql(postgres_server, writer, "postgres", f"SELECT rolsuper FROM pg_roles WHERE rolname = '{writer}'")
-    assert superuser.stdout.strip() == "f"
+    as_writer = lambda database, sql: psql(postgres_server, writer, "lake-secret", database, sql)  # noqa: E731
+    as_reader = lambda sql: psql(postgres_server, reader, "query-secret", lake_db, sql)  # noqa: E731
+    assert as_writer("postgres", f"SELECT rolsuper FROM pg_roles WHERE rolname = '{writer}'").stdout.strip() == "f"
     # the writer creates catalog tables after the init (as the lake does at its first ATTACH)
-    made = psql(postgres_server, writer, lake_db, "CREATE TABLE ducklake_snapshot (id bigint); "
-                                                  "INSERT INTO ducklake_snapshot VALUES (1)")
+    made = as_writer(lake_db, "CREATE TABLE ducklake_snapshot (id bigint); INSERT INTO ducklake_snapshot VALUES (1)")
     assert made.returncode == 0, made.stderr
-    read = psql(postgres_server, reader, lake_db, "SELECT id FROM ducklake_snapshot")
+    read = as_reader("SELECT id FROM ducklake_snapshot")
     assert (read.returncode, read.stdout.strip()) == (0, "1"), read.stderr
     for refused in ("INSERT INTO ducklake_snapshot VALUES (2)", "DELETE FROM ducklake_snapshot",
                     "CREATE TABLE elsewhere (id int)", "DROP TABLE ducklake_snapshot"):
-        out = psql(postgres_server, reader, lake_db, refused)
+        out = as_reader(refused)
         assert out.returncode != 0 and ("permission denied" in out.stderr or "must be owner" in out.stderr), refused
-    assert psql(postgres_server, writer, lake_db, "SELECT count(*) FROM ducklake_snapshot").stdout.strip() == "1"
+    assert as_writer(lake_db, "SELECT count(*) FROM ducklake_snapshot").stdout.strip() == "1"
