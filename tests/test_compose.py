@@ -618,3 +618,83 @@ def test_postgres_init_and_lake_init_give_a_writer_and_a_read_only_query_role(po
         out = as_reader(refused)
         assert out.returncode != 0 and ("permission denied" in out.stderr or "must be owner" in out.stderr), refused
     assert as_writer(lake_db, "SELECT count(*) FROM ducklake_snapshot").stdout.strip() == "1"
+
+
+# --- the worker image holds every package the code it runs imports --------------------------------
+def imported_distributions() -> dict[str, set[str]]:
+    """Distribution → the project modules importing it (at module level or inside a function)."""
+    import ast
+    from importlib.metadata import packages_distributions
+
+    owners = packages_distributions()
+    found: dict[str, set[str]] = {}
+    for package in ("hashlake", "hashing_models", "workers", "scheduler"):
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    for dist in owners.get(name.split(".")[0], []):
+                        found.setdefault(canonical(dist), set()).add(str(path.relative_to(ROOT)))
+    return found
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def installed_closure(requirements: list[str]) -> set[str]:
+    """The distributions pip installs for ``requirements``: them and their dependencies, transitively
+    (as the installed metadata of this environment declares them)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+
+    todo = [(Requirement(r), frozenset(Requirement(r).extras)) for r in requirements]
+    seen: set[tuple[str, frozenset]] = set()
+    names: set[str] = set()
+    while todo:
+        req, extras = todo.pop()
+        key = (canonical(req.name), extras)
+        if key in seen:
+            continue
+        seen.add(key)
+        names.add(canonical(req.name))
+        try:
+            requires = distribution(req.name).requires or []
+        except PackageNotFoundError:
+            continue
+        for spec in map(Requirement, requires):
+            environments = [{"extra": e} for e in extras] or [{"extra": ""}]
+            if spec.marker is None or any(spec.marker.evaluate(env) for env in environments):
+                todo.append((spec, frozenset(spec.extras)))
+    return names
+
+
+def test_the_worker_image_holds_every_package_the_code_imports():
+    sys.path.insert(0, str(DEPLOY))
+    try:
+        from image_requirements import LOCAL_ONLY, REPORTS
+    finally:
+        sys.path.remove(str(DEPLOY))
+    left_out = LOCAL_ONLY | REPORTS | {"ray", "faiss-cpu"}  # faiss: the benchmarks' reference only
+    from importlib.metadata import packages_distributions
+
+    from hashlake.lake.extensions import PACKAGES as DUCKDB_EXTENSIONS  # imported by name, at run time
+
+    imported = imported_distributions()
+    for module in DUCKDB_EXTENSIONS.values():
+        for dist in packages_distributions().get(module, [module]):
+            imported.setdefault(canonical(dist), set()).add("hashlake/lake/extensions.py")
+    closure = installed_closure(image_requirements("worker"))
+    missing = {dist: sorted(modules) for dist, modules in imported.items()
+               if dist not in closure and dist not in left_out and dist != "hashlake"}
+    assert not missing, f"imported by the project but installed by no pin of pyproject.toml's dependencies: {missing}"
+    # psycopg needs a libpq: its binary wheel's own, or the system's (python:slim has none)
+    if "psycopg" in closure:
+        assert {"psycopg-binary", "psycopg-c"} & closure or "libpq5" in DOCKERFILE.read_text(), \
+            "psycopg without a libpq in the image: pin psycopg[binary] or install libpq5 in deploy/Dockerfile"
