@@ -86,6 +86,24 @@ def compose(env: dict[str, str] | None = None) -> dict:
 
 
 SERVICES = compose()["services"]
+
+
+def test_the_compose_file_follows_the_compose_specification():
+    """Validated by compose_spec (a full Compose specification parser), as `docker compose config`
+    would: unknown keys, wrong types, conditions and units are refused. Interpolated as text first,
+    as Compose does, then anchors and merges resolved by PyYAML (compose_spec does not merge)."""
+    import json
+
+    from compose_spec import PyCompose
+
+    def validate(text: str) -> None:
+        model = yaml.safe_load(interpolate(text, filled_env()))
+        PyCompose.from_json(json.dumps({k: v for k, v in model.items() if not k.startswith("x-")}))
+
+    validate(COMPOSE.read_text())
+    validate((DEPLOY / "compose.ports.yaml").read_text())
+    with pytest.raises(ValueError, match="intervall"):  # the check does refuse what Compose refuses
+        validate(COMPOSE.read_text().replace("interval: 5s", "intervall: 5s", 1))
 HASHLAKE_IMAGE = {name for name, svc in SERVICES.items() if "build" in svc}
 
 
@@ -254,7 +272,7 @@ def check_command(args: list[str], where: str) -> None:
     elif program == "hashlake-encode-worker":
         copied = [rest for kw, rest in dockerfile_stages()["worker"] if kw == "COPY" and rest.endswith(program)]
         assert copied, f"{where}: the image does not install {program}"
-        script = ROOT / copied[0].split()[0]
+        script = ROOT / [word for word in copied[0].split() if not word.startswith("--")][0]
         for line in script.read_text().splitlines():
             if re.match(r"\s*exec celery ", line):
                 check_celery(shlex.split(line.replace('"$1@%h"', "node@%h"))[1:])
@@ -314,6 +332,12 @@ def test_the_init_scripts_are_mounted_from_the_repository_and_parse():
     assert f"MINIO_NOTIFY_WEBHOOK_QUEUE_DIR_{target}" in minio_env
     assert re.search(r"mc event add --ignore-existing --event put,delete \"local/\$HASHLAKE_IMAGES_BUCKET\"", text)
     assert "mc mb --ignore-existing" in text
+    # the buckets and the query key it creates are the ones the services use
+    init_env, service_env = environment(SERVICES["minio-init"]), environment(SERVICES["intake"])
+    for variable in ("HASHLAKE_IMAGES_BUCKET", "HASHLAKE_INDEX_BUCKET", "HASHLAKE_QUERY_S3_ACCESS_KEY",
+                     "HASHLAKE_QUERY_S3_SECRET_KEY"):
+        assert init_env[variable] == service_env[variable], variable
+        assert f"${variable}" in text, f"minio-init.sh does not use {variable}"
 
 
 def test_redis_refuses_writes_rather_than_evicting_queued_work():
@@ -401,8 +425,8 @@ def test_the_image_copies_only_what_exists_and_its_ignore_file_lets_through():
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
     allowed = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
     for kw, rest in dockerfile_stages()["ray"]:
-        if kw == "COPY" and not rest.startswith("--from"):
-            for source in rest.split()[:-1]:
+        if kw == "COPY" and "--from" not in rest:
+            for source in [word for word in rest.split() if not word.startswith("--")][:-1]:
                 assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
                 assert any(source == a or source.startswith(a + "/") for a in allowed), f"{source} is ignored"
 
