@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     stack_dir: Path = Field(DEFAULT_STACK_DIR, description="pids, logs, ports and data of `hashlake stack`")
     metrics_port: int = Field(9108, description="first port of the Prometheus exporters")
 
+    # --- retraining (Ray) ----------------------------------------------------------------------
+    ray_address: str = Field("http://127.0.0.1:8265", description="the Ray Jobs API (dashboard) URL")
+
     @field_validator("s3_endpoint")
     @classmethod
     def _endpoint_has_scheme(cls, value: str) -> str:

@@ -6,13 +6,11 @@ from pathlib import Path
 ALERT_RULES = Path(__file__).resolve().parents[1] / "dashboards" / "prometheus" / "alerts.yml"
 
 
-def render_local_config(targets: list[str], scrape_interval_s: int = 5) -> str:
+def render_local_config(intake: str, workers: list[str], scrape_interval_s: int = 5) -> str:
+    """Scrape jobs named as the deployment's (``hashlake-intake``, ``hashlake-worker``): the alert rules
+    that notice a vanished target select them by job."""
     rules = f"rule_files:\n  - {ALERT_RULES}\n" if ALERT_RULES.exists() else ""
-    target_list = ", ".join(f'"{t}"' for t in targets)
-    return (
-        f"global:\n  scrape_interval: {scrape_interval_s}s\n  evaluation_interval: {scrape_interval_s}s\n"
-        f"{rules}"
-        "scrape_configs:\n"
-        "  - job_name: hashlake\n"
-        f"    static_configs:\n      - targets: [{target_list}]\n"
-    )
+    jobs = "".join(f"  - job_name: {name}\n    static_configs:\n      - targets: [{', '.join(repr(t) for t in targets)}]\n"
+                   for name, targets in (("hashlake-intake", [intake]), ("hashlake-worker", workers)))
+    return (f"global:\n  scrape_interval: {scrape_interval_s}s\n  evaluation_interval: {scrape_interval_s}s\n"
+            f"{rules}scrape_configs:\n{jobs}")

@@ -160,8 +160,8 @@ def up(settings: Settings, options: StackOptions = StackOptions(), log=print) ->
             device = {"HASHLAKE_DEVICE": f"cuda:{i % gpus}"} if gpus else {}
             keep(_start_worker(i, processes, port, {**env, **device}, root))
         if options.prometheus and shutil.which("prometheus"):
-            targets = [f"127.0.0.1:{p}" for p in [stack_settings.metrics_port, *worker_ports]]
-            keep(_start_prometheus(targets, root))
+            keep(_start_prometheus(f"127.0.0.1:{stack_settings.metrics_port}",
+                                   [f"127.0.0.1:{p}" for p in worker_ports], root))
     except BaseException:
         for svc in reversed(started):
             svc.stop()
@@ -244,13 +244,13 @@ def _start_worker(index: int, processes: int, port: int, env: dict, root: Path) 
                       240, f"celery worker{index}")
 
 
-def _start_prometheus(targets: list[str], root: Path) -> Service:
-    """Prometheus scraping ``targets`` (the intake's and each worker node's /metrics)."""
+def _start_prometheus(intake: str, workers: list[str], root: Path) -> Service:
+    """Prometheus scraping the intake's and each worker node's /metrics."""
     from hashlake.prometheus_config import render_local_config
 
     port = free_port()
     config = root / "prometheus.yml"
-    config.write_text(render_local_config(targets))
+    config.write_text(render_local_config(intake, workers))
     svc = spawn("prometheus", ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={root / 'data' / 'prometheus'}",
                                f"--web.listen-address=127.0.0.1:{port}"], root / "logs" / "prometheus.log", port=port)
     return wait_ready(svc, lambda: port_open(port), 30, "prometheus")

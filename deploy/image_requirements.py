@@ -1,0 +1,62 @@
+"""The pinned requirements a deployment image installs, read from pyproject.toml, by role.
+
+    python image_requirements.py pyproject.toml worker   # intake, encode workers, beat, the CLI
+    python image_requirements.py pyproject.toml ray      # Ray head and worker nodes (retraining jobs)
+
+``worker`` is the project's dependencies without those only the local stack (LOCAL_ONLY), offline
+reports (REPORTS) or retraining (``ray``) use: a worker image carries no S3 emulator and no Ray. ``ray`` adds every pinned ``ray`` requirement
+that pyproject.toml declares (among the dependencies or in an optional group) and the report
+plotting the retraining job writes. One list of pins, pyproject.toml's; this only selects from it.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+# moto: the local stack's S3 server; matplotlib: plots of offline reports (the Ray jobs write them).
+LOCAL_ONLY = {"moto"}
+REPORTS = {"matplotlib"}
+ROLES = ("worker", "ray")
+
+
+def requirement_name(requirement: str) -> str:
+    """``"celery[redis]==5.7.0"`` → ``"celery"`` (normalised as pip compares names)."""
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    if not match:
+        raise ValueError(f"not a requirement: {requirement!r}")
+    return re.sub(r"[-_.]+", "-", match.group(1)).lower()
+
+
+def requirements(pyproject: Path, role: str) -> list[str]:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    project = tomllib.loads(pyproject.read_text())["project"]
+    base = project["dependencies"]
+    worker = [r for r in base if requirement_name(r) not in LOCAL_ONLY | REPORTS | {"ray"}]
+    if role == "worker":
+        return worker
+    declared = [*base, *(r for group in project.get("optional-dependencies", {}).values() for r in group)]
+    ray = [r for r in declared if requirement_name(r) == "ray"]
+    if not ray:
+        raise ValueError(f"{pyproject} declares no `ray` requirement: the Ray nodes of the deployment need it "
+                         f"(pin it among the dependencies or in an optional group)")
+    reports = [r for r in base if requirement_name(r) in REPORTS]
+    return [*worker, *reports, *dict.fromkeys(ray)]
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3:
+        print(__doc__, file=sys.stderr)
+        return 2
+    try:
+        print("\n".join(requirements(Path(argv[1]), argv[2])))
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
