@@ -32,6 +32,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/hamming.py
+	$(BIN)/python benchmarks/lake.py
 	$(BIN)/python benchmarks/map_cifar10.py
 
 clean:

@@ -1,14 +1,15 @@
 """Hamming search through hashlake's SQL (search, within) against faiss IndexBinaryFlat, same process, same codes.
 
-For each code length and database size: N random codes are written as codes shards (the project's
-format, a few large shards) to a local folder, loaded the way the product loads them
-(``hashlake.sql.connect(local_dir=...)``), and timed, median of repeated runs:
+For each code length and database size: N random codes are committed to a lake of the benchmark's own
+(its own PostgreSQL catalog, the data files in a local folder: ``Settings.lake_data_path``) in a few
+large commits, loaded the way the product loads them (``hashlake.sql.connect``), and timed, median of
+repeated runs:
 
     single query, k=10     SELECT * FROM search('<hex>', 10)             vs  index.search(q, 10)
     1,000 queries, k=10    SELECT … unnest(search_list(code, 10)) FROM queries  vs  index.search(Q, 10)
     radius 2 and 4         SELECT * FROM within('<hex>', r)              vs  index.range_search(q, r + 1)
     search + labels        search_rows('<hex>', 10) (from the index's memory), and search('<hex>', 10)
-                           JOIN codes USING (bucket, key) (reads the shards): ms only, faiss has no such step
+                           JOIN codes USING (bucket, key): ms only, faiss has no such step
 
 Single queries are timed as a SQL user writes them, the code in the statement; the same query with
 the code as a bound parameter (``search(?, 10)``) is timed too and printed as *_param_* lines: the
@@ -44,9 +45,9 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hashlake.shards import ShardMeta, codes_path, codes_schema  # noqa: E402
+from hashlake.lake.schema import CODES_SCHEMA  # noqa: E402
 
-SHARD_ROWS = 2_000_000  # a few large shards: building and writing 10M rows takes seconds, not minutes
+COMMIT_ROWS = 2_000_000  # a few large commits: building and writing 10M rows takes seconds, not minutes
 RADII = (2, 4)
 THREADS = os.cpu_count() or 1
 
@@ -72,35 +73,55 @@ def constant_strings(value: str, n: int) -> pa.Array:
 CLASS_NAMES = pa.array(["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"])
 
 
-def codes_table(codes: np.ndarray, start: int, meta: ShardMeta) -> pa.Table:
-    """A codes shard of random codes, built column by column with the project's codes_schema."""
+def codes_table(codes: np.ndarray, start: int, version: str) -> pa.Table:
+    """Rows of random codes in the lake's codes schema, built column by column."""
     n, nbytes = codes.shape
-    schema = codes_schema(meta.bits)
     stamp = pa.array(np.full(n, np.datetime64(datetime(2026, 1, 1, tzinfo=timezone.utc).replace(tzinfo=None), "us")))
-    keys = fixed_width_strings("img/", start + n).slice(start)
     columns = {
-        "key": keys,
+        "key": fixed_width_strings("img/", start + n).slice(start),
         "bucket": constant_strings("images", n),
         "etag": fixed_width_strings("etag", start + n).slice(start),
+        "version_id": pa.nulls(n, pa.string()),
         "size": pa.array(np.zeros(n, np.int64)),
         "last_modified": stamp.cast(pa.timestamp("us", tz="UTC")),
-        "code": pa.FixedSizeBinaryArray.from_buffers(pa.binary(nbytes), n, [None, pa.py_buffer(codes.tobytes())]),
-        "model": constant_strings(meta.model_version, n),
+        "mtime_ns": pa.array(np.arange(start, start + n, dtype=np.int64)),
+        "code": pa.FixedSizeBinaryArray.from_buffers(pa.binary(nbytes), n,
+                                                     [None, pa.py_buffer(codes.tobytes())]).cast(pa.binary()),
+        "model": constant_strings(version, n),
         "encoded_at": stamp.cast(pa.timestamp("us", tz="UTC")),
         # one class name per image, as a labelled dataset has (the index holds labels in memory)
         "labels": pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)),
                                            CLASS_NAMES.take(pa.array((np.arange(start, start + n) * 7) % 10))),
+        "batch_id": constant_strings("bench", n),
     }
-    table = pa.table([columns[f.name] for f in schema], schema=schema)
-    return table.replace_schema_metadata(meta.to_kv())
+    return pa.table([columns[f.name] for f in CODES_SCHEMA], schema=CODES_SCHEMA)
 
 
-def write_shards(folder: Path, codes: np.ndarray, version: str) -> None:
-    meta = ShardMeta(model_version=version, bits=codes.shape[1] * 8, backbone="random")
-    for i, start in enumerate(range(0, codes.shape[0], SHARD_ROWS)):
-        path = folder / codes_path(version, f"bench-{i:04d}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(codes_table(codes[start:start + SHARD_ROWS], start, meta), path, compression="zstd")
+def private_lake(workdir: Path):
+    """A PostgreSQL catalog and a local data folder under ``workdir``: (settings, the server)."""
+    from hashlake.config import Settings
+    from hashlake.lake import init_lake
+    from hashlake.services import free_port, start_postgres
+
+    workdir.chmod(0o755)  # run as root, PostgreSQL runs as the postgres user and must enter it
+    pg = start_postgres(free_port(), workdir / "pg", superuser="hashlake", password="bench", durable=False)
+    settings = Settings(pg_port=pg.port, pg_password="bench", lake_data_path=str(workdir / "lake"),
+                        stack_dir=workdir / "stack")
+    init_lake(settings)
+    return settings, pg
+
+
+def commit_codes(settings, codes: np.ndarray, version: str) -> None:
+    from hashlake.lake.connection import open_lake
+
+    con = open_lake(settings)
+    try:
+        for start in range(0, codes.shape[0], COMMIT_ROWS):
+            con.register("_bench_rows", codes_table(codes[start:start + COMMIT_ROWS], start, version))
+            con.execute("INSERT INTO lake.codes SELECT * FROM _bench_rows")
+            con.unregister("_bench_rows")
+    finally:
+        con.close()
 
 
 def medians_ms(fns: dict, repeats: int, rounds: int = 5) -> dict:
@@ -129,12 +150,13 @@ def run_one(bits: int, n: int, repeats: int, batch: int, workdir: Path) -> dict:
     codes = rng.integers(0, 256, (n, bits // 8), dtype=np.uint8)
     queries = rng.integers(0, 256, (max(batch, repeats), bits // 8), dtype=np.uint8)
     version = f"bench-{bits}-{n}"
+    settings, catalog = private_lake(workdir)
     t0 = time.perf_counter()
-    write_shards(workdir, codes, version)
+    commit_codes(settings, codes, version)
     write_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    con = sql.connect(local_dir=workdir, model_version=version)
+    con = sql.connect(settings, model_version=version)
     load_s = time.perf_counter() - t0
     snapshot = sql._state(con).snapshot
     memory = snapshot.memory()
@@ -197,7 +219,7 @@ def run_one(bits: int, n: int, repeats: int, batch: int, workdir: Path) -> dict:
                 lambda i: con.execute("SELECT * FROM within(?, ?)", [single[i], r]).fetchall()),
         }, repeats).items()})
     # What a user pays to get more than the key (labels, sizes, times): search_rows answers from the
-    # index's memory; the join reads every shard and applies the codes view's one-row-per-key rule.
+    # index's memory; the join scans the codes view (the index's rows, registered as an Arrow table).
     join_sql = (f"SELECT s.key, s.distance, c.labels FROM search('{single[0].hex()}', 10) s "
                 "JOIN codes c USING (bucket, key) ORDER BY s.distance, s.bucket, s.key")
     rows_sql = f"SELECT key, distance, labels FROM search_rows('{single[0].hex()}', 10)"
@@ -210,6 +232,8 @@ def run_one(bits: int, n: int, repeats: int, batch: int, workdir: Path) -> dict:
         "search_join_codes": lambda: con.execute(join_sql).fetchall(),
     }, 3, rounds=1).items()})
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    con.close()
+    catalog.stop()
     return out
 
 
