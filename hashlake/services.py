@@ -207,11 +207,25 @@ def _initdb(data_dir: Path, superuser: str, password: str, user: str | None) -> 
         raise ServiceError(f"initdb of {data_dir} failed (exit {result.returncode}): {result.stderr.strip()[-2000:]}")
 
 
+def postgres_can_enter(path: Path) -> bool:
+    """Whether a cluster under ``path`` can be run: always as a user, as root only when the postgres
+    system user can enter every folder above it."""
+    if os.geteuid() != 0:
+        return True
+    try:
+        _check_traversable(Path(path).resolve() / "cluster", POSTGRES_OS_USER)
+    except (ServiceError, KeyError):
+        return False
+    return True
+
+
 def _check_traversable(path: Path, user: str) -> None:
     import pwd
 
     uid = pwd.getpwnam(user).pw_uid
     for parent in path.parents:
+        if not parent.exists():
+            continue
         st = parent.stat()
         if not (st.st_mode & 0o001 or (st.st_uid == uid and st.st_mode & 0o100)):
             raise ServiceError(f"PostgreSQL runs as the system user {user!r}, which cannot enter {parent} "

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hashlake.config import STACK_CONFIG_FILE, Settings
-from hashlake.services import (ServiceError, Service, find_executable, free_port, port_open, spawn,
-                               start_moto, start_postgres, start_redis, wait_ready)
+from hashlake.services import (ServiceError, Service, find_executable, free_port, port_open, postgres_can_enter,
+                               spawn, start_moto, start_postgres, start_redis, wait_ready)
 
 STATE_FILE = "stack.json"
 CONFIG_FILE = STACK_CONFIG_FILE
@@ -119,7 +119,7 @@ def up(settings: Settings, options: StackOptions = StackOptions(), log=print) ->
     try:
         keep(start_redis(free_port(), root / "data", root / "logs" / "redis.log"))
         keep(start_moto(free_port(), root / "data", root / "logs" / "s3.log"))
-        catalog_dir = root / "data" / "postgres"
+        catalog_dir = _catalog_dir(root)
         shutil.rmtree(catalog_dir, ignore_errors=True)  # the S3 server's objects are gone: so is the lake
         keep(start_postgres(free_port(), catalog_dir, superuser=LOCAL_PG_USER, password=LOCAL_PG_PASSWORD,
                             log=root / "logs" / "postgres.log"))
@@ -168,6 +168,22 @@ def up(settings: Settings, options: StackOptions = StackOptions(), log=print) ->
         (root / STATE_FILE).unlink(missing_ok=True)
         raise
     return stack_settings
+
+
+def _catalog_dir(root: Path) -> Path:
+    """Where the stack's PostgreSQL keeps its cluster: under data/, unless the stack runs as root from a
+    folder the postgres system user cannot enter (a 0700 temporary folder): then in a folder of its own
+    under the system's temporary folder, named after the stack's."""
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    if postgres_can_enter(root / "data"):
+        return root / "data" / "postgres"
+    import hashlib
+    import tempfile
+
+    own = Path(tempfile.gettempdir()) / f"hashlake-catalog-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]}"
+    own.mkdir(mode=0o755, exist_ok=True)
+    own.chmod(0o755)
+    return own / "postgres"
 
 
 def load_stack_settings(config_path: Path) -> Settings:
