@@ -28,6 +28,9 @@ PROFILE_QUERIES = 256
 PROFILE_ROWS = 65_536
 
 
+_ORDER_COLUMNS = {"version_id": pa.string(), "mtime_ns": pa.int64()}
+
+
 @dataclass(frozen=True, eq=False)
 class Segment:
     codes: np.ndarray  # (n, bits/8) uint8, C-contiguous
@@ -46,6 +49,9 @@ class Segment:
         if codes.shape[0] >= MIH_MIN_ROWS:
             mih = MultiIndexHash(codes, *plan(codes.shape[1] * 8, codes.shape[0]))
             profile = radius_profile(codes)
+        for name, kind in _ORDER_COLUMNS.items():  # rows made without a lake (tests' synthetic ones): unknown
+            if name not in columns.column_names:
+                columns = columns.append_column(name, pa.nulls(columns.num_rows, kind))
         names = [*IDENTITY_COLUMNS, *(c for c in DETAIL_COLUMNS if c in columns.column_names)]
         return cls(codes, columns.select(names).combine_chunks(), mih, profile)
 
