@@ -187,7 +187,7 @@ def plot_pr(cells: list[dict], path: Path) -> None:
             points = [(r, p) for r, p in zip(c["pr_curve"]["recall"], c["pr_curve"]["precision"]) if p is not None]
             ax.plot(*zip(*points), style, color=color[c["method"]],
                     label=f"{c['method']} {c['map_tie_expected']:.3f}")
-        ax.set(title=f"{cells[0]['track']} / {cells[0]['protocol']} / {bits} bits", xlabel="recall",
+        ax.set(title=f"{cells[0]['track']} {cells[0]['px']} px / {cells[0]['protocol']} / {bits} bits", xlabel="recall",
                ylabel="precision", xlim=(0, 1), ylim=(0, 1))
         ax.legend(fontsize=7, title="method, mAP", title_fontsize=7)
     fig.tight_layout()
@@ -197,9 +197,10 @@ def plot_pr(cells: list[dict], path: Path) -> None:
 
 
 def print_table(cells: list[dict], bits_list) -> None:
-    for (track, protocol) in sorted({(c["track"], c["protocol"]) for c in cells}):
-        rows = [c for c in cells if (c["track"], c["protocol"]) == (track, protocol)]
-        print(f"\nmAP@ALL (tie-expected) — track {track}, protocol {protocol}")
+    """One table per (track, px, protocol): a row per method, a column per code length."""
+    for (track, px, protocol) in sorted({(c["track"], c["px"], c["protocol"]) for c in cells}):
+        rows = [c for c in cells if (c["track"], c["px"], c["protocol"]) == (track, px, protocol)]
+        print(f"\nmAP@ALL (tie-expected) — track {track}, {px} px, protocol {protocol}")
         print(f"{'method':<12}" + "".join(f"{b:>9}" for b in bits_list))
         for method in dict.fromkeys(c["method"] for c in rows):
             values = {c["bits"]: c["map_tie_expected"] for c in rows if c["method"] == method}
@@ -214,8 +215,9 @@ def main() -> None:
                                                           "cifar10,cifar10-2 (finetune)")
     parser.add_argument("--methods", default=",".join(BASELINES + DEEP_METHODS))
     parser.add_argument("--bits", default=",".join(map(str, BITS)))
-    parser.add_argument("--px", type=int, default=None, help="input side; default 224 (frozen, or finetune "
-                                                             "on a GPU), 64 for finetune on a CPU")
+    parser.add_argument("--px", default=None, help="input side(s), comma-separated, e.g. 128,224 (one table "
+                                                   "each); default 224 (frozen, or finetune on a GPU), 64 for "
+                                                   "finetune on a CPU")
     parser.add_argument("--epochs", type=int, default=None, help="override every method's epochs")
     parser.add_argument("--smoke", action="store_true", help="finetune: 20 fit images per class, 1 epoch (a run check)")
     parser.add_argument("--cache-dir", default=None, help="feature cache (default ~/.cache/hashlake/features)")
@@ -227,7 +229,8 @@ def main() -> None:
 
     parquet = Path(args.parquet)
     if args.px is None:
-        args.px = 224 if args.track == "frozen" or torch.cuda.is_available() else 64
+        args.px = "224" if args.track == "frozen" or torch.cuda.is_available() else "64"
+    px_list = [int(px) for px in str(args.px).split(",")]
     protocols = (args.protocols or ("cifar10" if args.track == "frozen" else "cifar10,cifar10-2")).split(",")
     methods = args.methods.split(",")
     unknown = set(methods) - set(BASELINES + DEEP_METHODS)
@@ -237,31 +240,35 @@ def main() -> None:
     labels = read_index(parquet).labels.astype(np.int64)
 
     def log(c: dict) -> None:
-        print(f"{c['track']} {c['protocol']} {c['method']:<10} {c['bits']:>2} bits: mAP {c['map_tie_expected']:.4f} "
-              f"(stable ties {c['map']:.4f}) val {c.get('val_map', float('nan')):.4f}", flush=True)
+        print(f"{c['track']} {c['px']} px {c['protocol']} {c['method']:<10} {c['bits']:>2} bits: mAP "
+              f"{c['map_tie_expected']:.4f} (stable ties {c['map']:.4f}) val {c.get('val_map', float('nan')):.4f}",
+              flush=True)
 
     cells: list[dict] = []
-    started = time.monotonic()
-    for protocol in protocols:
-        split = load_split(protocol, parquet)
-        if args.smoke:
-            split = smoke_split(split, 20, labels)
-        run = frozen_cells if args.track == "frozen" else finetune_cells
-        cells += run(parquet, split, labels, methods, bits_list, args, log)
-
-    tag = f"{args.track}{'-smoke' if args.smoke else ''}-{args.px}px"
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"map_cifar10_{tag}.json").write_text(json.dumps(
-        {"args": vars(args), "seconds": round(time.monotonic() - started), "cells": cells}, indent=1))
+    for px in px_list:
+        args.px = px  # what the track functions read
+        started, px_cells = time.monotonic(), []
+        for protocol in protocols:
+            split = load_split(protocol, parquet)
+            if args.smoke:
+                split = smoke_split(split, 20, labels)
+            run = frozen_cells if args.track == "frozen" else finetune_cells
+            px_cells += [c | {"px": px} for c in run(parquet, split, labels, methods, bits_list, args,
+                                                     lambda c: log(c | {"px": px}))]
+        tag = f"{args.track}{'-smoke' if args.smoke else ''}-{px}px"
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / f"map_cifar10_{tag}.json").write_text(json.dumps(
+            {"args": vars(args), "seconds": round(time.monotonic() - started), "cells": px_cells}, indent=1))
+        for protocol in protocols:
+            path = OUT / f"pr_{tag}_{protocol}.png"
+            plot_pr([c for c in px_cells if c["protocol"] == protocol], path)
+            print(f"PR curves: {path}")
+        print(f"all numbers: {OUT / f'map_cifar10_{tag}.json'}")
+        cells += px_cells
     print_table(cells, bits_list)
-    for protocol in protocols:
-        path = OUT / f"pr_{tag}_{protocol}.png"
-        plot_pr([c for c in cells if c["protocol"] == protocol], path)
-        print(f"PR curves: {path}")
-    print(f"all numbers: {OUT / f'map_cifar10_{tag}.json'}")
     track = f"{args.track}-smoke" if args.smoke else args.track  # smoke numbers must not pass for results
     for c in cells:
-        print(f"RESULT map_{track}_{c['protocol']}_{c['method']}_{c['bits']} {c['map_tie_expected']:.4f}")
+        print(f"RESULT map_{track}_{c['px']}px_{c['protocol']}_{c['method']}_{c['bits']} {c['map_tie_expected']:.4f}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Every method maps features (N, D) to real outputs (N, K) whose signs are the code (bit = output > 0,
 packed by ``codes.pack_signs``). Unsupervised methods centre the features with the training mean;
 ``fit`` is deterministic given ``seed``. References:
-- LSH: random Gaussian projections of centred features (Charikar 2002).
+- LSH: random Gaussian projections of centred features (Charikar 2002), as defined in ``lsh.py``.
 - PCAH: the top-K principal directions.
 - ITQ: PCA then an orthogonal rotation minimising quantisation loss, 50 iterations (Gong & Lazebnik 2011).
 - SH: spectral hashing, sinusoidal eigenfunctions along principal directions (Weiss et al. 2008).
@@ -17,6 +17,7 @@ from typing import ClassVar
 import numpy as np
 
 from hashing_models.codes import pack_signs
+from hashing_models.lsh import lsh_projection
 
 # Rows per encode block: 4,096 × 4,096-dim float64 is 128 MB at most, SDH's RBF block (4,096 × 1,000) 32 MB.
 ENCODE_BLOCK_ROWS = 4096
@@ -97,10 +98,12 @@ class HashingBaseline:
 
 
 class LSH(HashingBaseline):
+    """sign((x − training mean) · P): the definition of ``lsh.py``, shared with the served untrained model."""
+
     name = "lsh"
 
     def _fit(self, centred, labels):
-        self.projection_ = np.random.default_rng(self.seed).standard_normal((centred.shape[1], self.bits))
+        self.projection_ = lsh_projection(centred.shape[1], self.bits, self.seed)  # (D, K)
 
     def _project(self, centred):
         return centred @ self.projection_

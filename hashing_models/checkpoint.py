@@ -119,5 +119,5 @@ def model_from_checkpoint(path: str | Path, *, arch: str | None = None) -> tuple
     config = checkpoint.config
     pretrained: Pretrained = False  # every weight is in the checkpoint; don't fetch ImageNet weights first
     model = create_model(checkpoint.arch, pretrained, img_size=config.get("img_size"),
-                         num_classes=config.get("num_classes", 10))
+                         num_classes=config.get("num_classes", 10), head=config.get("head"))
     return restore_into(model, checkpoint, str(path)), checkpoint

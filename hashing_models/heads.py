@@ -10,15 +10,38 @@ import torch.nn.functional as F
 from torch import nn
 
 from .binarize import sign_straight_through
+from .lsh import lsh_projection
 from .outputs import HashOutputs
 
 
-class LinearHashHead(nn.Module):
-    """One fully connected hash layer: (B, D) → h (B, bits). Used by most supervised methods."""
+# Head families of the pooled-feature methods: how features become h. "linear": one fully connected
+# layer; "mlp": two, with a hidden ReLU layer and dropout before each (DeepHash-pytorch's AlexNet hash
+# layers, narrowed). On frozen features the MLP's dropout is what keeps a head fit on 4,500 rows general.
+HEAD_FAMILIES = ("linear", "mlp")
+MLP_HIDDEN = 512  # hidden units of the "mlp" family
+MLP_DROPOUT = 0.5  # dropout probability before each of its two linear layers (training mode only)
 
-    def __init__(self, in_features: int, bits: int) -> None:
+
+def hash_layer(in_features: int, bits: int, family: str = "linear") -> nn.Module:
+    """The module (B, D) → h (B, bits) of a head family (see ``HEAD_FAMILIES``)."""
+    if family == "linear":
+        return nn.Linear(in_features, bits)
+    if family == "mlp":
+        return nn.Sequential(nn.Dropout(MLP_DROPOUT), nn.Linear(in_features, MLP_HIDDEN), nn.ReLU(),
+                             nn.Dropout(MLP_DROPOUT), nn.Linear(MLP_HIDDEN, bits))
+    raise ValueError(f"head family {family!r} unknown; use one of {HEAD_FAMILIES}")
+
+
+class LinearHashHead(nn.Module):
+    """A hash layer on pooled features: (B, D) → h (B, bits). Used by most supervised methods.
+
+    ``family`` "linear" (the default) is one fully connected layer, "mlp" the two-layer head of
+    ``hash_layer``; either way the layer is ``self.hash``.
+    """
+
+    def __init__(self, in_features: int, bits: int, family: str = "linear") -> None:
         super().__init__()
-        self.hash = nn.Linear(in_features, bits)
+        self.hash = hash_layer(in_features, bits, family)
 
     def forward(self, features: torch.Tensor) -> HashOutputs:
         return HashOutputs(h=self.hash(features), features=features)
@@ -31,8 +54,8 @@ class GreedyHashHead(LinearHashHead):
     layer as if the network were binary end to end. ``logits`` (B, num_classes).
     """
 
-    def __init__(self, in_features: int, bits: int, num_classes: int) -> None:
-        super().__init__(in_features, bits)
+    def __init__(self, in_features: int, bits: int, num_classes: int, family: str = "linear") -> None:
+        super().__init__(in_features, bits, family)
         self.classifier = nn.Linear(bits, num_classes)
 
     def forward(self, features: torch.Tensor) -> HashOutputs:
@@ -61,20 +84,29 @@ class DivideEncodeHead(nn.Module):
 
 
 class FixedProjectionHead(nn.Module):
-    """Locality-sensitive hashing: a fixed Gaussian projection (D, bits) drawn from ``seed``; nothing to train.
+    """Locality-sensitive hashing: h = (features − center) · P, nothing trained (``lsh.py`` defines it).
 
-    sign(x · P) approximates the angle between feature vectors (Charikar's SimHash), so codes
-    from a pretrained backbone are useful without any training. P is a buffer: saved with the
-    model, never updated by an optimiser.
+    P (D, bits) is the seeded Gaussian projection of ``lsh.lsh_projection`` (the baseline LSH draws the
+    same one); sign(x · P) approximates the angle between centred feature vectors (Charikar's SimHash).
+    ``center`` (D,) is the mean feature of reference images, set by ``lsh.fit_center``; zeros until then.
+    Both are buffers: saved with the model, never updated by an optimiser.
     """
 
     def __init__(self, in_features: int, bits: int, seed: int = 0) -> None:
         super().__init__()
-        generator = torch.Generator().manual_seed(seed)
-        self.register_buffer("projection", torch.randn(in_features, bits, generator=generator))  # (D, bits)
+        projection = torch.from_numpy(lsh_projection(in_features, bits, seed)).float()
+        self.register_buffer("projection", projection)  # (D, bits)
+        self.register_buffer("center", torch.zeros(in_features))  # (D,)
 
     def forward(self, features: torch.Tensor) -> HashOutputs:
-        return HashOutputs(h=features @ self.projection, features=features)
+        return HashOutputs(h=(features - self.center) @ self.projection, features=features)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Versions published before the centre existed projected uncentred features: a zero centre
+        # keeps their codes (and the index built with them) unchanged.
+        if prefix + "projection" in state_dict and prefix + "center" not in state_dict:
+            state_dict[prefix + "center"] = torch.zeros_like(self.center)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class AttentionPoolHead(nn.Module):

@@ -71,8 +71,9 @@ def create_model(name: str, pretrained: Pretrained = False, bits: int | None = N
     bits: with a name lacking the bits suffix (``"csq_resnet50"``), picks the code length; with a
         full name it must agree with the suffix.
     kwargs: ``img_size`` (input side, default per backbone), ``num_classes`` (classifier-aided
-        heads, default 10), ``seed`` (lsh projection, default 0), ``checkpoint`` (path of a whole
-        trained HashModel state dict, loaded after building).
+        heads, default 10), ``seed`` (lsh projection, default 0), ``head`` (head family,
+        ``heads.HEAD_FAMILIES``: "linear" or "mlp" for pooled-feature methods, default the method's
+        first), ``checkpoint`` (path of a whole trained HashModel state dict, loaded after building).
     """
     if bits is not None:
         if name.count("_") == 1:

@@ -58,6 +58,7 @@ class TrainConfig:
 
     method: str  # hashing method, the first part of a model name: csq, dsh, dpsh, hashnet, dhn, dpn, ...
     backbone: str = "effnetlite0"  # backbone name of the registry (second part of a model name)
+    head: str = "linear"  # head family (heads.HEAD_FAMILIES): "linear", or "mlp" (two layers, dropout)
     bits: int = 64  # code length K; the registry has 16, 32, 48, 64 for trained methods
     pretrained: str = "imagenet"  # backbone weights: "imagenet" (library or bundled package), "none", or a file path
     img_size: int = 224  # input side in pixels; CIFAR's 32 px images are upsampled (features improve up to ~224)
@@ -221,7 +222,8 @@ def _one_hot(labels: np.ndarray, num_classes: int) -> torch.Tensor:
 def build_model(cfg: TrainConfig) -> HashModel:
     """The untrained model of ``cfg``: pretrained backbone, head initialised from ``cfg.seed``."""
     torch.manual_seed(cfg.seed)
-    return create_model(cfg.arch, cfg.pretrained_weights, img_size=cfg.img_size, num_classes=cfg.num_classes)
+    return create_model(cfg.arch, cfg.pretrained_weights, img_size=cfg.img_size, num_classes=cfg.num_classes,
+                        head=cfg.head)
 
 
 def train(cfg: TrainConfig, parquet_path: str | Path, *, split: Split | None = None, init: HashModel | None = None,

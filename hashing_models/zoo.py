@@ -23,13 +23,15 @@ def _create_hash_model(
     img_size: int | None = None,
     num_classes: int = 10,
     seed: int = 0,
+    head: str | None = None,
     checkpoint: str | Path | None = None,
 ) -> HashModel:
-    """Build backbone and head for ``method``; load a whole-model ``checkpoint`` last when given."""
+    """Build backbone and head for ``method`` (``head``: its head family, None the method's default);
+    load a whole-model ``checkpoint`` last when given."""
     spec = METHODS[method]
     trunk = create_backbone(backbone, pretrained, img_size)
-    head = spec.make_head(trunk, bits, num_classes, seed)
-    model = HashModel(trunk, head, method=method, bits=bits, multi_stage=spec.multi_stage)
+    hash_head = spec.build_head(trunk, bits, num_classes, seed, head)
+    model = HashModel(trunk, hash_head, method=method, bits=bits, multi_stage=spec.multi_stage)
     if checkpoint is not None:
         load_into(model, read_state_dict(checkpoint), str(checkpoint))
     return model

@@ -148,11 +148,21 @@ def lake_compact() -> None:
 @model_app.command("init")
 def model_init(arch: str = "lsh_effnetlite0_64",
                img_size: Annotated[int, typer.Option(help="input resolution, px")] = 128,
+               center_images: Annotated[Optional[Path], typer.Option(
+                   help="images whose mean feature centres the projection (.parquet or folder; "
+                        "default the bundled CIFAR-10 sample)")] = None,
                activate: bool = True) -> None:
-    """Publish a pretrained backbone with a fixed projection as a model version (and activate it)."""
+    """Publish a pretrained backbone with a fixed projection of its centred features as a model version
+    (and activate it)."""
+    from hashlake.datasets import SAMPLE
     from hashlake.models import init_model
 
-    card = init_model(load_settings(), arch=arch, img_size=img_size, activate=activate)
+    try:
+        card = init_model(load_settings(), arch=arch, img_size=img_size, activate=activate,
+                          center_images=center_images or SAMPLE)
+    except (FileNotFoundError, ValueError) as exc:  # no such --center-images, no image in it, unknown arch
+        console.print(str(exc), style="red", markup=False)
+        raise typer.Exit(1) from None
     console.print(f"published {card.version}: {card.description}")
 
 

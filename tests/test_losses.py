@@ -54,11 +54,11 @@ def test_every_trainable_method_has_a_loss():
         create_loss("lsh", bits=BITS, num_classes=CLASSES)
 
 
-@pytest.mark.parametrize("method", TRAINABLE_METHODS)
-def test_loss_decreases_when_training_the_head(method):
+@pytest.mark.parametrize(("method", "family"), [(m, f) for m in TRAINABLE_METHODS for f in METHODS[m].head_families])
+def test_loss_decreases_when_training_the_head(method, family):
     torch.manual_seed(0)
     spec = METHODS[method]
-    head = spec.make_head(TOY_BACKBONE, BITS, CLASSES, 0)
+    head = spec.build_head(TOY_BACKBONE, BITS, CLASSES, 0, family)
     loss_fn = create_loss(method, bits=BITS, num_classes=CLASSES)
     features, labels = _batch()
     inputs = _stage_maps(features) if spec.multi_stage else features
@@ -72,6 +72,7 @@ def test_loss_decreases_when_training_the_head(method):
         optimizer.step()
         history.append(loss.item())
     assert min(history[-5:]) < 0.8 * history[0], (method, history[0], history[-5:])
+    head.eval()  # codes without dropout, as they are encoded
     with torch.no_grad():
         signs = torch.where(head(inputs).h > 0, 1.0, -1.0)  # (B, K)
     hamming = (BITS - signs @ signs.T) / 2
