@@ -48,7 +48,7 @@ def init_model(settings: Settings, arch: str = DEFAULT_ARCH, img_size: int = DEF
 
     model = create_model(arch, pretrained=True, img_size=img_size)
     data = "ImageNet-1k (backbone only)"
-    if isinstance(model.head, FixedProjectionHead):
+    if isinstance(model.head, FixedProjectionHead) and center_limit:  # 0: keep the uncentred projection
         images = _reference_images(Path(center_images), center_limit, settings.max_image_pixels)
         count = fit_center(model, images)
         data += f"; LSH centre: mean feature of {count} images of {Path(center_images).name}"

@@ -322,7 +322,7 @@ def test_an_error_preparing_images_fails_the_batch_and_is_never_recorded(setting
 
     from workers.encode.runner import LoadFailed
 
-    init_model(settings, "faultyprep_effnetlite0_64", img_size=IMG_SIZE, store=store)
+    init_model(settings, "faultyprep_effnetlite0_64", img_size=IMG_SIZE, store=store, center_limit=0)  # no centring: it prepares images
     refs = upload(store, settings.images_bucket, [(f"k{i}.jpg", body, "") for i, (_, _, body) in enumerate(cifar_jpegs[:3])])
     handle = ModelHandle(settings, store)
     with pytest.raises(LoadFailed, match=r"loading s3://.*/k\d.jpg for batch \w+ raised RuntimeError"):
