@@ -58,7 +58,9 @@ class TrainConfig:
 
     method: str  # hashing method, the first part of a model name: csq, dsh, dpsh, hashnet, dhn, dpn, ...
     backbone: str = "effnetlite0"  # backbone name of the registry (second part of a model name)
-    head: str = "linear"  # head family (heads.HEAD_FAMILIES): "linear", or "mlp" (two layers, dropout)
+    # head family (heads.HEAD_FAMILIES): "linear" or "mlp" (two layers, dropout 0.5); None resolves to "mlp"
+    # where the method has it (on frozen features it beat the linear head for every method, benchmarks/README.md)
+    head: str | None = None
     bits: int = 64  # code length K; the registry has 16, 32, 48, 64 for trained methods
     pretrained: str = "imagenet"  # backbone weights: "imagenet" (library or bundled package), "none", or a file path
     img_size: int = 224  # input side in pixels; CIFAR's 32 px images are upsampled (features improve up to ~224)
@@ -95,6 +97,11 @@ class TrainConfig:
                              f"{self.batch_size}, {self.eval_every}")
         if not 0.0 <= self.feature_dropout < 1.0:
             raise ValueError(f"feature_dropout must lie in [0, 1), got {self.feature_dropout}")
+        families = METHODS[self.method].head_families
+        if self.head is None:  # frozen dataclass: resolve once, so checkpoints record the family trained
+            object.__setattr__(self, "head", "mlp" if "mlp" in families else families[0])
+        elif self.head not in families:
+            raise ValueError(f"TrainConfig.head {self.head!r}: method {self.method!r} has the head families {families}")
 
     @property
     def arch(self) -> str:

@@ -109,7 +109,8 @@ def build_model(catalog: Catalog, version: str):
 
     card = catalog.card(version)
     # a trained card records the class count its classifier-aided head was built for (GreedyHash, DPN…)
-    options = {"num_classes": card.training["num_classes"]} if "num_classes" in card.training else {}
+    # and its head family (cards written before head families existed: the registry's default, linear)
+    options = {key: card.training[key] for key in ("num_classes", "head") if card.training.get(key) is not None}
     model = create_model(card.arch, pretrained=False, img_size=card.input_size, **options)
     load_into(model, catalog.weights(version), f"model version {version!r}")  # strict; names bad keys
     if model.bits != card.bits:

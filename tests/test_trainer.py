@@ -56,7 +56,7 @@ def split(labels) -> Split:
 
 
 def _config(**overrides) -> TrainConfig:
-    base = dict(method="csq", bits=32, img_size=PX, epochs=20, eval_every=10, batch_size=64, lr=1e-3)
+    base = dict(method="csq", bits=32, img_size=PX, epochs=20, eval_every=10, batch_size=64, lr=1e-3, head="linear")
     return TrainConfig(**(base | overrides))
 
 
