@@ -19,7 +19,7 @@ import duckdb
 from hashlake.config import Settings
 from hashlake.lake import extensions
 from hashlake.lake.catalog_db import CatalogUnavailable
-from hashlake.lake.schema import LAKE, create_statements
+from hashlake.lake.schema import LAKE, TABLES, create_statements
 
 # DuckLake retries a commit that conflicts with a concurrent one (two writers appending to the same
 # table do not conflict; compaction and a writer can): this many times, backing off from 50 ms.
@@ -90,20 +90,19 @@ def _ensure_tables(con: duckdb.DuckDBPyConnection, settings: Settings) -> None:
             return
     present = {r[0] for r in con.execute(
         "SELECT table_name FROM duckdb_tables() WHERE database_name = ?", [LAKE]).fetchall()}
-    if not {"codes", "failures", "deletes"} <= present:
+    if not set(TABLES) <= present:
         for attempt in range(COMMIT_RETRIES):
             try:
                 con.execute("BEGIN")
-                for statement in create_statements():
-                    if "PARTITIONED" not in statement or "codes" not in present:
-                        con.execute(statement)
+                for statement in create_statements(present):
+                    con.execute(statement)
                 con.execute("COMMIT")
                 break
             except duckdb.TransactionException:
                 con.execute("ROLLBACK")  # another process created them at the same moment: look again
                 present = {r[0] for r in con.execute(
                     "SELECT table_name FROM duckdb_tables() WHERE database_name = ?", [LAKE]).fetchall()}
-                if {"codes", "failures", "deletes"} <= present:
+                if set(TABLES) <= present:
                     break
     with _READY_LOCK:
         _READY.add(ident)

@@ -4,6 +4,8 @@
     failures  one row per refusal of an image version under a model version (history; see rules.py)
     deletes   one row per delete: of a key (the versions up to ``mtime_ns``), of one ``version_id``, or of
               the version the reconciler saw vanish (``etag``; see rules.py)
+    features  one row per (image version, backbone): the backbone's pooled features, float16, kept by the
+              encode workers so that a head-only retraining and its re-encode read no image
 
 ``mtime_ns`` orders the versions of a key and the deletes among them at full precision: MinIO's
 ``sequencer`` (nanoseconds) when an event carried it, else the bucket listing's time (milliseconds),
@@ -59,19 +61,40 @@ DELETES_SCHEMA = pa.schema([
     pa.field("batch_id", pa.string(), nullable=False),
 ])
 
-TABLES = {"codes": CODES_SCHEMA, "failures": FAILURES_SCHEMA, "deletes": DELETES_SCHEMA}
+FEATURES_SCHEMA = pa.schema([
+    pa.field("bucket", pa.string(), nullable=False),
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("etag", pa.string(), nullable=False),
+    pa.field("version_id", pa.string()),
+    pa.field("mtime_ns", pa.int64(), nullable=False),
+    # which features: backbone name, input px and a digest of its weights (``backbone_id``), since a
+    # fine-tuned backbone's features are not the pretrained one's
+    pa.field("backbone", pa.string(), nullable=False),
+    pa.field("feature", pa.binary(), nullable=False),  # (D,) float16, little-endian: 2·D bytes
+    pa.field("encoded_at", _TS, nullable=False),
+    pa.field("batch_id", pa.string(), nullable=False),
+])
+
+TABLES = {"codes": CODES_SCHEMA, "failures": FAILURES_SCHEMA, "deletes": DELETES_SCHEMA,
+          "features": FEATURES_SCHEMA}
 
 _SQL_TYPES = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.binary(): "BLOB", _TS: "TIMESTAMPTZ",
               pa.list_(pa.string()): "VARCHAR[]"}
 
 
-def create_statements() -> list[str]:
-    """CREATE TABLE IF NOT EXISTS for every table, then the codes table's partitioning."""
+PARTITIONS = {"codes": "model", "features": "backbone"}  # reading one model's (backbone's) rows touches its files
+
+
+def create_statements(existing: set[str] = frozenset()) -> list[str]:
+    """CREATE TABLE and its partitioning for every table not in ``existing``."""
     statements = []
     for name, schema in TABLES.items():
+        if name in existing:
+            continue
         columns = ", ".join(f"{f.name} {_SQL_TYPES[f.type]}{'' if f.nullable else ' NOT NULL'}" for f in schema)
         statements.append(f"CREATE TABLE IF NOT EXISTS {LAKE}.{name} ({columns})")
-    statements.append(f"ALTER TABLE {LAKE}.codes SET PARTITIONED BY (model)")
+        if name in PARTITIONS:
+            statements.append(f"ALTER TABLE {LAKE}.{name} SET PARTITIONED BY ({PARTITIONS[name]})")
     return statements
 
 
