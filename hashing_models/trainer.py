@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -196,6 +196,24 @@ class DecodedImages:
         return model(inputs)
 
 
+class FeatureRows:
+    """Frozen mode's inputs held in memory: pooled backbone features (N, D), e.g. as the lake's ``features``
+    table keeps them for every encoded image; indices are row positions."""
+
+    def __init__(self, rows: np.ndarray, dropout: float = 0.0):
+        self.rows = torch.as_tensor(np.asarray(rows, dtype=np.float32))  # (N, D)
+        self.dropout = dropout  # training batches only
+
+    def batch(self, indices: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
+        rows = self.rows[torch.as_tensor(indices)]
+        if generator is not None and self.dropout > 0:
+            rows = rows * (torch.rand(rows.shape, generator=generator) >= self.dropout) / (1 - self.dropout)
+        return rows
+
+    def forward(self, model: HashModel, inputs: torch.Tensor):
+        return model.forward_head(inputs)
+
+
 # ------------------------------------------------------------------------------------------------ loop
 
 def lr_at(cfg: TrainConfig, progress: float) -> float:
@@ -251,6 +269,21 @@ def train(cfg: TrainConfig, parquet_path: str | Path, *, split: Split | None = N
     fit_and_val = np.concatenate([split.train, split.val])
     source = (CachedFeatures(model, parquet_path, fit_and_val, cache_dir, cfg.feature_dropout)
               if cfg.mode == "frozen" else DecodedImages(model, parquet_path, fit_and_val, cfg.flip))
+    data = f"{parquet_path.name} sha256:{file_sha256(parquet_path)[:16]} protocol {cfg.protocol} seed {cfg.split_seed}"
+    return fit(cfg, model, source, _one_hot(labels, cfg.num_classes).numpy(), split, device=device, data=data)
+
+
+def fit(cfg: TrainConfig, model: HashModel, source, labels: np.ndarray, split: Split, *,
+        device: str | torch.device = "cpu", data: str = "",
+        on_epoch: Callable[[int, dict | None], None] | None = None) -> TrainResult:
+    """The training loop itself, over any source of inputs (``CachedFeatures``, ``DecodedImages``,
+    ``FeatureRows``): ``cfg.epochs`` passes over ``split.train``, model selection on ``split.val``.
+
+    labels: (N, C) multi-hot float/0-1 targets indexed like the source (one-hot for single-label data;
+    a pairwise loss counts two images similar when they share a label). on_epoch(epoch, evaluation or
+    None) is called after every epoch (progress reporting)."""
+    targets = torch.as_tensor(np.asarray(labels), dtype=torch.float32)  # (N, C)
+    eval_labels = targets.numpy().astype(np.int8)
     model.to(device)
     loss_fn = create_loss(cfg.method, bits=cfg.bits, num_classes=cfg.num_classes, **cfg.loss_options).to(device)
     optimizer = _optimizer(cfg, model)
@@ -274,24 +307,27 @@ def train(cfg: TrainConfig, parquet_path: str | Path, *, split: Split | None = N
                 group["lr"] = lr_at(cfg, progress) * group["lr_scale"]
             # 2) forward, loss, step
             outputs = source.forward(model, _to(source.batch(batch, generator), device))
-            loss = loss_fn(outputs, _one_hot(labels[batch], cfg.num_classes).to(device), progress=progress)
+            loss = loss_fn(outputs, targets[torch.as_tensor(batch)].to(device), progress=progress)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.item()
         # 3) model selection on the validation split
+        evaluation = None
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            val_map = validation_map(model, source, split, labels)
-            history.append({"epoch": epoch + 1, "loss": total / steps, "val_map": val_map,
-                            "seconds": round(time.monotonic() - start, 1)})
+            val_map = validation_map(model, source, split, eval_labels)
+            evaluation = {"epoch": epoch + 1, "loss": total / steps, "val_map": val_map,
+                          "seconds": round(time.monotonic() - start, 1)}
+            history.append(evaluation)
             log.info("%s epoch %d loss %.4f val mAP %.4f", cfg.arch, epoch + 1, total / steps, val_map)
             if val_map > best["val_map"]:
                 best = {"val_map": val_map, "epoch": epoch + 1,
                         "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        if on_epoch is not None:
+            on_epoch(epoch + 1, evaluation)
 
     model.load_state_dict(best["state"])
     model.to("cpu").eval()  # results live on the CPU: checkpoints, encoding, comparisons
-    data = f"{parquet_path.name} sha256:{file_sha256(parquet_path)[:16]} protocol {cfg.protocol} seed {cfg.split_seed}"
     return TrainResult(model=model, config=cfg, split=split, val_map=best["val_map"], best_epoch=best["epoch"],
                        history=history, data=data)
 

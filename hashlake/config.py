@@ -92,6 +92,14 @@ class Settings(BaseSettings):
 
     # --- retraining (Ray) ----------------------------------------------------------------------
     ray_address: str = Field("http://127.0.0.1:8265", description="the Ray Jobs API (dashboard) URL")
+    pushgateway_url: str | None = Field(None, description="a Prometheus Pushgateway (host:port or URL) the "
+                                                          "retraining job pushes its metrics to; None: none")
+    retrain_method: str = Field("hashnet", description="hashing method a head-mode retraining trains "
+                                                       "(any trainable one of hashing_models.methods)")
+    retrain_epochs: int = Field(40, ge=1, description="passes over the training split per retraining")
+    retrain_tolerance: float = Field(0.01, ge=0, description="the gate promotes a candidate whose evaluation "
+                                                             "mAP@ALL is at most this far below the active's")
+    retrain_min_images: int = Field(50, ge=2, description="labelled images (train split) a retraining needs")
 
     @field_validator("s3_endpoint")
     @classmethod
