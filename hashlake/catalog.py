@@ -2,7 +2,12 @@
 
     models/<version>/weights.pt   state dict, loaded with torch.load(weights_only=True)
     models/<version>/card.json    ModelCard: what the weights are and how they were made
-    models/ACTIVE                 {"version": "..."}: one small object, replaced in one PUT
+    models/ACTIVE                 {"version": "...", "previous": "..."}: one small object, replaced in one PUT
+
+The pointer also names the version it replaced (``previous``: what ``hashlake model rollback`` goes back
+to), in the same object, so the two can never disagree: activating V when A is active writes
+{"version": V, "previous": A}; re-activating the active version changes nothing. A pointer written
+before ``previous`` existed reads as having none.
 
 A version is immutable: publishing is a conditional create of both objects (``ObjectStore.create``,
 ``If-None-Match: *``), weights first, so of two publishers of one version id exactly one writes
@@ -125,17 +130,34 @@ class Catalog:
         return sorted({o.key.split("/")[1] for o in self.store.list(self.bucket, MODELS_PREFIX)
                        if o.key.endswith("/card.json")})
 
-    def active(self) -> str:
-        """The active version id; ``ModelNotFound`` when none was ever activated."""
+    def _pointer(self) -> dict | None:
         try:
             body, _ = self.store.get(self.bucket, ACTIVE_KEY)
         except ObjectMissing:
+            return None
+        return json.loads(body)
+
+    def active(self) -> str:
+        """The active version id; ``ModelNotFound`` when none was ever activated."""
+        pointer = self._pointer()
+        if pointer is None:
             raise ModelNotFound(
-                f"no active model: s3://{self.bucket}/{ACTIVE_KEY} is missing; run `hashlake model init`"
-            ) from None
-        return json.loads(body)["version"]
+                f"no active model: s3://{self.bucket}/{ACTIVE_KEY} is missing; run `hashlake model init`")
+        return pointer["version"]
+
+    def previous(self) -> str | None:
+        """The version that was active before the active one (what a rollback returns to); None when
+        there is none (never activated, activated once, or a pointer written before this was kept)."""
+        pointer = self._pointer()
+        return (pointer or {}).get("previous") or None
 
     def activate(self, version: str) -> None:
+        """Point the active pointer at ``version``, recording the version it replaces as ``previous``
+        (re-activating the active version keeps the pointer as it is)."""
         self.card(version)  # refuse to point at a version that does not exist
-        self.store.put(self.bucket, ACTIVE_KEY, json.dumps({"version": version}).encode(),
-                       content_type="application/json")
+        pointer = self._pointer() or {}
+        current = pointer.get("version")
+        if current == version:
+            return
+        body = {"version": version, **({"previous": current} if current else {})}
+        self.store.put(self.bucket, ACTIVE_KEY, json.dumps(body).encode(), content_type="application/json")

@@ -236,6 +236,104 @@ def model_activate(version: str) -> None:
     console.print(f"active model is now {version}")
 
 
+@model_app.command("rollback")
+def model_rollback(force: Annotated[bool, typer.Option(
+        help="roll back even when the previous version lacks codes for some images (the reconciler then "
+             "queues them)")] = False) -> None:
+    """Make the previous active version active again (instant: its codes are still in the lake).
+    Refused when there is none, or when its codes no longer cover the images the active version has
+    codes for (`hashlake model promote <previous>` re-encodes them). Rolling back twice returns."""
+    from hashlake.model_lifecycle import RollbackError, rollback
+
+    try:
+        result = rollback(load_settings(), force=force)
+    except RollbackError as exc:
+        fail(one_line(exc))
+    console.print(f"active model is now {result.version} (was {result.rolled_back_from}, now the previous "
+                  f"version): {result.codes:,} codes"
+                  + (f", {result.missing:,} images without a code yet" if result.missing else ""), markup=False)
+
+
+@model_app.command("gc")
+def model_gc(yes: Annotated[bool, typer.Option("--yes", help="delete; without it, only list what would go")] = False,
+             keep: Annotated[Optional[list[str]], typer.Option(
+                 help="also keep this version's rows (e.g. one being promoted now); repeatable")] = None) -> None:
+    """Delete the lake's codes and failures rows of model versions neither active nor previous.
+    Without --yes only lists them (versions, row counts). Weights and cards stay in the catalog: such a
+    version can still be promoted (it is re-encoded). Never runs on its own; do not run it while a
+    version is being promoted unless --keep names it. `hashlake lake compact` then frees the files."""
+    from hashlake.model_lifecycle import gc, plan_gc
+
+    settings = load_settings()
+    plan = gc(settings, keep=keep or ()) if yes else plan_gc(settings, keep=keep or ())
+    console.print(f"keeping {', '.join(plan.keep)}", markup=False)
+    if not plan.delete:
+        console.print("no other version has rows in the lake: nothing to delete")
+        return
+    table = Table(Column("version", no_wrap=True), Column("codes rows", justify="right"),
+                  Column("failures rows", justify="right"))
+    for version, (codes, failures) in plan.delete.items():
+        table.add_row(version, f"{codes:,}", f"{failures:,}")
+    console.print(table)
+    if plan.deleted:
+        console.print(f"deleted the rows of {len(plan.delete)} version(s); weights and cards stay in the catalog",
+                      markup=False)
+    else:
+        console.print(f"would delete the rows of {len(plan.delete)} version(s): run with --yes to delete",
+                      markup=False)
+
+
+# --- reports --------------------------------------------------------------------------------------
+@app.command()
+def report(model: Annotated[Optional[list[str]], typer.Option(
+               help="model version (default the active one); repeat to compare versions on the same images")] = None,
+           split: Annotated[str, typer.Option(help="the queries' split: evaluation or validation "
+                                                   "(the database is train)")] = "evaluation",
+           out: Annotated[Optional[Path], typer.Option(
+               help="write report.md and pr_curve.png into this folder")] = None) -> None:
+    """Retrieval figures of model versions over the lake's labelled codes: queries from one split, the
+    train split as database (hashlake.splits), relevant = shares a label."""
+    from hashlake.catalog import Catalog
+    from hashlake.report_lake import compare_versions
+    from hashlake.report_markdown import write_report
+    from hashlake.store import ObjectStore
+
+    settings = load_settings()
+    catalog = Catalog(ObjectStore(settings), settings)
+    versions = list(dict.fromkeys(model or [catalog.active()]))
+    for version in versions:
+        catalog.card(version)  # ModelNotFound names an unknown version
+    reports = compare_versions(settings, versions, split)
+    first = next(iter(reports.values()))
+    table = Table("", *(Column(v, justify="right", no_wrap=True) for v in versions))
+
+    def row(name: str, values) -> None:
+        table.add_row(name, *values)
+
+    def cells(get) -> list[str]:
+        return [f"{get(r.metrics):.4f}" for r in reports.values()]
+
+    row("mAP@ALL (ties by database order)", cells(lambda m: m.map))
+    row("mAP@ALL (tie-expected)", cells(lambda m: m.map_tie_expected))
+    for k in first.metrics.map_at:
+        row(f"mAP@{k}", cells(lambda m, k=k: m.map_at[k]))
+    for k in first.metrics.precision_at:
+        row(f"P@{k}", cells(lambda m, k=k: m.precision_at[k]))
+    row(f"P@r≤{first.metrics.radius}", cells(lambda m: m.precision_radius))
+    row("queries (scored)", [f"{r.metrics.n_queries:,} ({r.metrics.n_scored:,})" for r in reports.values()])
+    row("database", [f"{r.metrics.n_database:,}" for r in reports.values()])
+    console.print(table)
+    console.print(f"split {split} vs train, lake snapshot {first.lake_snapshot}"
+                  + (", the images coded under every version" if len(versions) > 1 else ""), markup=False)
+    if out is not None:
+        notes = [f"Queries: the labelled images of the {split} split; database: those of train "
+                 f"(hashlake.splits); lake snapshot {first.lake_snapshot}."]
+        if len(versions) > 1:
+            notes.append("Every version over the same image versions: those with a code under all of them.")
+        path = write_report(reports, out, title=f"Retrieval report: {', '.join(versions)}", notes=notes)
+        console.print(f"wrote {path} and {path.parent / 'pr_curve.png'}", markup=False)
+
+
 # --- data -----------------------------------------------------------------------------------------
 @app.command()
 def upload(source: Annotated[Path, typer.Argument(help="a CIFAR-style .parquet or a folder of images")],

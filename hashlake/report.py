@@ -46,6 +46,10 @@ class Report:
     label_ap_tie_expected: np.ndarray = field(repr=False)  # (C,) the same, tie-expected
     label_queries: np.ndarray = field(repr=False)  # (C,) int: scored queries carrying label c
     histograms: Histograms = field(repr=False)
+    # where the figures come from, when known (``hashlake.report_lake`` fills them in)
+    label_names: tuple[str, ...] = ()  # the C label names, in the order of label_ap
+    lake_snapshot: int | None = None  # the lake snapshot the codes were read at
+    split: str | None = None  # the queries' split; the database is "train"
 
 
 def multi_hot(label_lists: Sequence[Sequence[str] | None], names: Sequence[str] | None = None,

@@ -89,6 +89,8 @@ def render_markdown(reports: Mapping[str, Report], *, title: str = "Retrieval re
     if plot_name:
         lines += ["## Precision-recall", "", f"![precision-recall curves]({plot_name})", ""]
     n_labels = max(len(r.label_ap_tie_expected) for r in reports.values())
+    if label_names is None:  # the reports' own names (from the lake), else label ids
+        label_names = next((r.label_names for r in reports.values() if len(r.label_names) == n_labels), None)
     label_names = list(label_names) if label_names is not None else [str(c) for c in range(n_labels)]
     if len(label_names) < n_labels:
         raise ValueError(f"label_names has {len(label_names)} names for {n_labels} labels")
