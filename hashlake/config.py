@@ -99,6 +99,8 @@ class Settings(BaseSettings):
     retrain_epochs: int = Field(40, ge=1, description="passes over the training split per retraining")
     retrain_tolerance: float = Field(0.01, ge=0, description="the gate promotes a candidate whose evaluation "
                                                              "mAP@ALL is at most this far below the active's")
+    reencode_block_rows: int = Field(50_000, ge=1, description="rows per block (and per lake commit) of a "
+                                                               "head-mode re-encode: ~2.5 KB of features each")
     retrain_min_images: int = Field(50, ge=2, description="labelled images (train split) a retraining needs")
 
     @field_validator("s3_endpoint")

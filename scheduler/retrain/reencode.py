@@ -10,6 +10,8 @@ step: ``promote``'s staged reconciler runs have the encode workers read and enco
 """
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -24,7 +26,10 @@ from hashlake.lake.schema import CODES_SCHEMA, LAKE
 from hashlake.lake.writer import LakeWriter
 from scheduler.retrain.data import current_snapshot, decode_features, features_sql
 
-BLOCK_ROWS = 50_000  # rows per Ray Data block and per lake commit: ~125 MB of float16 features at D = 1280
+log = logging.getLogger(__name__)
+
+# Test hook: seconds to sleep after each committed block, so a test can kill a job mid re-encode.
+TEST_BLOCK_DELAY_ENV = "HASHLAKE_TEST_REENCODE_BLOCK_DELAY_S"
 
 
 def todo_sql(active: str, candidate: str, backbone: str, at: int) -> str:
@@ -76,16 +81,21 @@ def reencode_head(settings: Settings, con: duckdb.DuckDBPyConnection, *, active:
     total = todo.num_rows
     progress(0, total)
     done = 0
+    block_rows = settings.reencode_block_rows
+    delay = float(os.environ.get(TEST_BLOCK_DELAY_ENV) or 0)
     if total:
-        dataset = ray.data.from_arrow(todo).repartition(max(1, -(-total // BLOCK_ROWS)))
+        dataset = ray.data.from_arrow(todo).repartition(max(1, -(-total // block_rows)))
         encoded = dataset.map_batches(HeadEncoder, fn_constructor_args=(head,), batch_format="pyarrow",
-                                      batch_size=BLOCK_ROWS, concurrency=1)
+                                      batch_size=block_rows, concurrency=1)
         writer = LakeWriter(settings)
         try:
-            for block in encoded.iter_batches(batch_format="pyarrow", batch_size=BLOCK_ROWS):
+            for block in encoded.iter_batches(batch_format="pyarrow", batch_size=block_rows):
                 writer.commit(codes_rows(block, candidate, f"{run_id}-reencode"), None)
                 done += block.num_rows
                 progress(done, total)
+                if delay:
+                    log.warning("test hook %s: sleeping %s s after a re-encode block", TEST_BLOCK_DELAY_ENV, delay)
+                    time.sleep(delay)
         finally:
             writer.close()
     seconds = time.monotonic() - started

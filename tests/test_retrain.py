@@ -1,0 +1,183 @@
+"""The nightly retraining job end to end on a real lake, S3 server and Ray cluster.
+
+The lake is filled by the encode runner itself (read ▶ decode ▶ forward ▶ one commit of codes and
+features per batch, without Celery around it), under an untrained LSH version at 64 px; the images
+are CIFAR-10 sample images with their labels as user metadata. Then ``scheduler.retrain.job.run``
+trains a head on the stored features, gates it, re-encodes and flips, exactly as the Ray job does.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from hashlake.catalog import Catalog
+from hashlake.datasets import SAMPLE, iter_images
+from hashlake.models import init_model
+from hashlake.sql import connect
+from hashlake.store import ObjectStore
+from hashlake.upload import upload_all
+from scheduler.retrain import job as retrain_job
+from scheduler.retrain.reencode import TEST_BLOCK_DELAY_ENV
+from scheduler.retrain.state import RunLog
+from tests.conftest import cli_env
+from workers.encode.model import ModelHandle
+from workers.encode.runner import encode_batch
+from workers.messages import Batch, ObjectRef
+
+pytestmark = pytest.mark.services
+IMAGES = list(iter_images(SAMPLE, limit=300))  # 30 per class
+PX = 64  # the active version's input size: small, so that encoding 300 images takes seconds
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    import ray
+
+    info = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield info.address_info["gcs_address"]
+    ray.shutdown()
+
+
+@pytest.fixture
+def indexed(settings, torch_one_thread):
+    """Settings of a lake holding the 300 images under an active untrained version, with features."""
+    settings = settings.model_copy(update={"retrain_epochs": 20, "reencode_block_rows": 100})
+    store = ObjectStore(settings)
+    etags = upload_all(store, settings.images_bucket, IMAGES)
+    card = init_model(settings, img_size=PX, store=store, center_limit=100)
+    handle = ModelHandle(settings, store)
+    refs = [ObjectRef(settings.images_bucket, image.name, etags[image.name]) for image in IMAGES]
+    for start in range(0, len(refs), 100):
+        encode_batch(Batch("encode", tuple(refs[start:start + 100])), settings, handle, store=store)
+    return settings, card.version
+
+
+def served(settings) -> tuple[set[str], int]:
+    """(model versions the ``codes`` view serves, its row count), as a user's query sees them."""
+    con = connect(settings)
+    try:
+        return ({row[0] for row in con.execute("SELECT DISTINCT model FROM codes").fetchall()},
+                con.execute("SELECT count(*) FROM codes").fetchone()[0])
+    finally:
+        con.close()
+
+
+def test_retrain_gates_reencodes_and_flips_while_queries_see_one_version(indexed, ray_address):
+    settings, untrained = indexed
+    catalog = Catalog(ObjectStore(settings), settings)
+    seen: list[tuple[set[str], int]] = []
+    stop = threading.Event()
+
+    def probe() -> None:  # a user querying all along: never a mix of versions, never a partial index
+        while not stop.is_set():
+            seen.append(served(settings))
+            time.sleep(0.2)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        state = retrain_job.run(settings, "retrain-head-t1")
+    finally:
+        stop.set()
+        prober.join()
+    assert state.outcome == "succeeded", state.reason
+    assert list(state.steps) == ["data", "train", "evaluate", "reencode", "flip"]
+    data, evaluate, reencode = state.steps["data"], state.steps["evaluate"], state.steps["reencode"]
+    assert data["images"] == len(IMAGES) and data["labels"] == 10 and data["without_features"] == 0
+    assert evaluate["candidate_map"] > evaluate["active_map"] + 0.05  # learning from the labels pays
+    assert reencode["rows"] == len(IMAGES) and reencode["without_features"] == 0
+    assert catalog.active() == state.candidate and catalog.previous() == untrained
+    card = catalog.card(state.candidate)
+    assert card.metrics["lake_snapshot"] == data["snapshot"] and card.training["method"] == settings.retrain_method
+    assert served(settings) == ({state.candidate}, len(IMAGES))
+    assert seen and all(s in (({untrained}, len(IMAGES)), ({state.candidate}, len(IMAGES))) for s in seen)
+
+    # the report of the new version over the lake agrees with the gate's figure for it
+    from hashlake.report_lake import version_report
+
+    report = version_report(settings, state.candidate)
+    assert report.metrics.map_tie_expected == pytest.approx(evaluate["candidate_map"], abs=0.02)
+
+    # a finished run is not run again; the record lists it
+    again = retrain_job.run(settings, "retrain-head-t1")
+    assert (again.outcome, again.steps) == (state.outcome, state.steps)
+    assert [r.run_id for r in RunLog(settings).runs()] == ["retrain-head-t1"]
+
+    # rollback: the previous version answers again, at once
+    from hashlake.model_lifecycle import rollback
+
+    rollback(settings)
+    assert served(settings) == ({untrained}, len(IMAGES))
+
+
+def test_a_worse_candidate_is_rejected_and_the_active_version_stays(indexed, ray_address, monkeypatch):
+    settings, untrained = indexed
+    from scheduler.retrain import train
+
+    real = train.head_config
+
+    def untrainable(*args, **kwargs):  # a head that cannot learn: lr 0 keeps its random initialisation
+        from dataclasses import replace
+        return replace(real(*args, **kwargs), lr=0.0, epochs=1, eval_every=1)
+
+    monkeypatch.setattr(train, "head_config", untrainable)
+    first = retrain_job.run(settings.model_copy(update={"retrain_method": "dsh"}), "retrain-head-worse")
+    assert first.outcome == "succeeded", first.reason  # against an untrained LSH a random head can pass…
+    assert first.candidate
+    # …but not against a trained one: train well once, then try the random head again
+    monkeypatch.setattr(train, "head_config", real)
+    good = retrain_job.run(settings, "retrain-head-good")
+    assert good.outcome == "succeeded", good.reason
+    monkeypatch.setattr(train, "head_config", untrainable)
+    worse = retrain_job.run(settings.model_copy(update={"retrain_method": "dsh"}), "retrain-head-worse-2")
+    assert worse.outcome == "rejected" and "rejected: candidate mAP@ALL" in worse.reason
+    assert "reencode" not in worse.steps and "flip" not in worse.steps
+    catalog = Catalog(ObjectStore(settings), settings)
+    assert catalog.active() == good.candidate and worse.candidate in catalog.versions()
+    assert served(settings) == ({good.candidate}, len(IMAGES))
+
+
+def test_a_job_killed_during_reencode_leaves_the_old_version_and_a_rerun_completes(indexed, ray_address):
+    settings, untrained = indexed
+    env = {**os.environ, **cli_env(settings), "RAY_ADDRESS": ray_address,
+           "HASHLAKE_REENCODE_BLOCK_ROWS": "50", TEST_BLOCK_DELAY_ENV: "1.5"}
+    runs = RunLog(settings)
+    job = subprocess.Popen([sys.executable, "-m", "scheduler.retrain", "--run-id", "retrain-head-kill"], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            state = runs.load("retrain-head-kill")
+            if state and state.progress.get("step") == "reencode" and state.progress.get("done", 0) > 0:
+                break
+            assert job.poll() is None, "the job ended before its re-encode step"
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the job never reached its re-encode step")
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    catalog = Catalog(ObjectStore(settings), settings)
+    assert catalog.active() == untrained
+    assert served(settings) == ({untrained}, len(IMAGES))
+    killed = runs.load("retrain-head-kill")
+    assert killed.outcome == "running" and "reencode" not in killed.steps and "train" in killed.steps
+
+    resumed = retrain_job.run(settings, "retrain-head-kill")
+    assert resumed.outcome == "succeeded", resumed.reason
+    assert resumed.steps["train"] == killed.steps["train"]  # not trained again
+    assert 0 < resumed.steps["reencode"]["rows"] < len(IMAGES)  # only what the killed attempt had not written
+    assert served(settings) == ({resumed.candidate}, len(IMAGES))
+    con = connect(settings)
+    try:  # no image twice under the candidate in the lake itself
+        rows = con.execute("SELECT count(*), count(DISTINCT (bucket, key, etag)) FROM lake.codes WHERE model = ?",
+                           [resumed.candidate]).fetchone()
+    finally:
+        con.close()
+    assert rows == (len(IMAGES), len(IMAGES))
