@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     download_concurrency: int = Field(8, ge=1, le=256)
     max_image_pixels: int = Field(40_000_000, ge=1, description="larger images are refused as decompression bombs")
     max_object_bytes: int = Field(50 * 1024 * 1024, ge=1, description="larger objects are refused unread")
+    keep_features: bool = Field(True, description="store every encoded image's pooled backbone features "
+                                                  "(float16) in the lake's features table, for a head-only "
+                                                  "retraining and re-encode that read no image; False: none")
 
     # --- local stack -----------------------------------------------------------------------------
     stack_dir: Path = Field(DEFAULT_STACK_DIR, description="pids, logs, ports and data of `hashlake stack`")

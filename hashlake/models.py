@@ -117,3 +117,17 @@ def build_model(catalog: Catalog, version: str):
         raise ValueError(f"model version {version!r}: card says {card.bits} bits, "
                          f"architecture {card.arch!r} gives {model.bits}")
     return model.eval()
+
+
+def backbone_id(model, px: int | None = None) -> str:
+    """Which features a model's backbone makes: ``<backbone name>-<input px>px-<sha256[:12] of its weights>``.
+
+    The lake's ``features`` rows are keyed by it (``hashlake.lake.features``): two model versions on the
+    same backbone weights (the untrained LSH version and a head-only retraining built on it) give the
+    same id, so they share feature rows; a fine-tuned backbone gives another. ``px`` defaults to the
+    model's input size. Hashing the weights costs ~20 ms for EfficientNet-Lite0 on a CPU: compute it
+    once per loaded model (``workers.encode.model.LoadedModel.backbone_id``), not per batch."""
+    from hashing_models.features import weights_sha256
+
+    px = model.input_config.size if px is None else px
+    return f"{model.backbone_name}-{px}px-{weights_sha256(model.backbone)[:12]}"

@@ -15,11 +15,12 @@ from hashing_models.registry import register_model
 
 
 class _FaultyForward:
-    def forward(self, images: torch.Tensor):  # images (B, 3, S, S)
+    # the backbone half: the worker's forward (forward_features, then forward_head) and model(images) both raise
+    def forward_features(self, images: torch.Tensor):  # images (B, 3, S, S)
         flat = images.flatten(1).std(dim=1) < 1e-6  # (B,)
         if bool(flat.any()):
             raise ValueError(f"faulty model: {int(flat.sum())} flat image(s) in a batch of {len(images)}")
-        return super().forward(images)
+        return super().forward_features(images)
 
 
 @register_model

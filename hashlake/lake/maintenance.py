@@ -64,6 +64,8 @@ def compact(settings: Settings) -> CompactSummary:
 
 
 def _file_counts(con) -> dict[str, int]:
+    # every table of schema.TABLES (features included); the DuckLake calls above act on the whole lake.
+    # Nothing is deleted from features here or elsewhere: its rows are read joined to current codes.
     return {name: con.execute(f"SELECT count(*) FROM ducklake_list_files('{LAKE}', '{name}')").fetchone()[0]
             for name in TABLES}
 

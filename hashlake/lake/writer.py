@@ -1,13 +1,14 @@
 """The encode side's face of the lake: what a model version already holds, and one transaction per batch.
 
-A batch commits its codes and its failures in one DuckLake transaction: readers see all of a batch or
-none of it. Commits of at most ``Settings.lake_inline_rows`` rows are inlined in the catalog (no
+A batch commits its codes, its failures and its images' backbone features (``features.py``) in one
+DuckLake transaction: readers see all of a batch or none of it. Commits of at most ``Settings.lake_inline_rows`` rows are inlined in the catalog (no
 Parquet file per batch); compaction writes them out later (``maintenance.py``).
 
 Idempotence: the encode runner asks ``known`` before reading anything and skips the image versions a
 model version already holds (a duplicate event, a retried or redelivered batch cost no read and no
 forward), and the commit inserts only rows that are not there yet, so a batch committed twice leaves
-one row per (bucket, key, etag, model).
+one row per (bucket, key, etag, model), and one feature row per (bucket, key, etag, backbone): the versions
+of one backbone share an image version's feature row.
 """
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ from collections.abc import Iterable
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from hashlake.config import Settings
 from hashlake.lake.catalog_db import CatalogUnavailable
 from hashlake.lake.connection import open_lake
-from hashlake.lake.schema import CODES_SCHEMA, DELETES_SCHEMA, FAILURES_SCHEMA, LAKE
+from hashlake.lake.schema import CODES_SCHEMA, DELETES_SCHEMA, FAILURES_SCHEMA, FEATURES_SCHEMA, LAKE
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +80,21 @@ class LakeWriter:
             finally:
                 con.unregister("_hashlake_refs")
 
-    def commit(self, codes: pa.Table | None, failures: pa.Table | None) -> None:
-        """Insert a batch's codes and failures (tables of CODES_SCHEMA / FAILURES_SCHEMA) in one transaction,
-        skipping rows whose image version the model version already holds.
+    def commit(self, codes: pa.Table | None, failures: pa.Table | None, features: pa.Table | None = None) -> None:
+        """Insert a batch's codes, failures and features (tables of CODES_SCHEMA / FAILURES_SCHEMA /
+        FEATURES_SCHEMA) in one transaction, skipping code and failure rows whose image version the model
+        version already holds, and feature rows whose (bucket, key, etag, backbone) is already stored
+        (by this batch's first delivery, or by another model version on the same backbone).
 
-        The check reads the table once more inside the transaction (it makes a redelivered batch whose
-        first delivery committed after its ``known`` query add nothing); two deliveries committing at the
-        same instant can still both insert, and the current-rows rule collapses such exact duplicates."""
+        Each check is folded into its INSERT (… WHERE NOT EXISTS): it reads the table once more inside the
+        transaction (it makes a redelivered batch whose first delivery committed after its ``known`` query
+        add nothing) and costs no extra round trip; the features' check names the backbone as a constant,
+        so it reads that partition's files only. Two deliveries committing at the same instant can still
+        both insert, and the current-rows rule (and the features readers, ``features.py``) collapses such
+        exact duplicates. Feature rows are never deleted: they are read joined to current codes."""
         parts = [(name, table.cast(schema)) for name, table, schema in
-                 (("codes", codes, CODES_SCHEMA), ("failures", failures, FAILURES_SCHEMA))
+                 (("codes", codes, CODES_SCHEMA), ("failures", failures, FAILURES_SCHEMA),
+                  ("features", features, FEATURES_SCHEMA))
                  if table is not None and table.num_rows]
         if not parts:
             return
@@ -95,7 +103,17 @@ class LakeWriter:
                 con.register(f"_hashlake_new_{name}", table)
             try:
                 con.execute("BEGIN")
-                for name, _ in parts:
+                for name, table in parts:
+                    if name == "features":
+                        for backbone in pc.unique(table["backbone"]).to_pylist():  # one per batch
+                            con.execute(f"""
+                                INSERT INTO {LAKE}.features SELECT n.* FROM _hashlake_new_features AS n
+                                WHERE n.backbone = $backbone
+                                  AND NOT EXISTS (SELECT 1 FROM {LAKE}.features AS o
+                                                  WHERE o.backbone = $backbone AND o.bucket = n.bucket
+                                                    AND o.key = n.key AND o.etag = n.etag)""",
+                                        {"backbone": backbone})
+                        continue
                     con.execute(f"""
                         INSERT INTO {LAKE}.{name} SELECT n.* FROM _hashlake_new_{name} AS n
                         WHERE NOT EXISTS (SELECT 1 FROM {LAKE}.{name} AS o

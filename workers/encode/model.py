@@ -11,14 +11,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from hashing_models.codes import pack_signs
 from hashlake.catalog import Catalog, ModelCard
 from hashlake.config import Settings
-from hashlake.models import build_model
+from hashlake.models import backbone_id, build_model
 from hashlake.store import ObjectStore
 
 if TYPE_CHECKING:
@@ -37,10 +37,23 @@ class LoadedModel:
     card: ModelCard
     model: Any  # hashing_models HashModel (a torch.nn.Module in eval mode, on ``device``)
     device: "torch.device"
+    backbone_id: str  # ``hashlake.models.backbone_id`` of the model, computed once at load: the features' key
 
     @property
     def version(self) -> str:
         return self.card.version
+
+    @property
+    def pooled_features(self) -> bool:
+        """Whether the head reads pooled vectors (B, D), the features the lake keeps. A multi-stage
+        ("mga") head reads three stage maps instead: nothing is kept for it (its backbone's pooled
+        vector is no part of the maps, and the maps are too large to keep per image)."""
+        return not self.model.multi_stage
+
+
+class Forwarded(NamedTuple):
+    h: "torch.Tensor"  # (B, bits) float32 on CPU: the continuous hash outputs
+    features: np.ndarray | None  # (B, D) float16: the backbone's pooled features; None when not asked or multi-stage
 
 
 def resolve_device(setting: str) -> "torch.device":
@@ -56,8 +69,10 @@ def resolve_device(setting: str) -> "torch.device":
 
 
 def load_model(catalog: Catalog, version: str, device: "torch.device") -> LoadedModel:
-    """The version's model (``hashlake.models.build_model``) on ``device``, with its card."""
-    return LoadedModel(catalog.card(version), build_model(catalog, version).to(device), device)
+    """The version's model (``hashlake.models.build_model``) on ``device``, with its card and backbone id."""
+    model = build_model(catalog, version)
+    ident = backbone_id(model)  # hashed on the CPU, before the move: the same id on any device
+    return LoadedModel(catalog.card(version), model.to(device), device, ident)
 
 
 class ModelHandle:
@@ -116,13 +131,22 @@ def prepare(loaded: LoadedModel, images: list["Image.Image"]) -> "torch.Tensor":
     return prepare_images(images, loaded.model.input_config)
 
 
-def forward(loaded: LoadedModel, pixels: "torch.Tensor") -> "torch.Tensor":
-    """Batched forward in inference mode: (B, 3, S, S) → continuous hash outputs h (B, bits) on CPU."""
+def forward(loaded: LoadedModel, pixels: "torch.Tensor", *, keep_features: bool = True) -> Forwarded:
+    """Batched forward in inference mode: (B, 3, S, S) → continuous hash outputs h (B, bits) on CPU and,
+    when ``keep_features`` and the model's head reads pooled vectors, the backbone's pooled features
+    (B, D) as float16 numpy. The backbone runs once: ``forward_features`` then ``forward_head`` on its
+    float32 output, exactly what ``model(pixels)`` computes; the codes come from the float32 features,
+    the kept copy is rounded to float16 (what a retrained head is trained on and re-encodes from)."""
     import torch
 
+    model = loaded.model
     with torch.inference_mode():
-        out = loaded.model(pixels.to(loaded.device, non_blocking=True))
-    return out.h.float().cpu()
+        features = model.forward_features(pixels.to(loaded.device, non_blocking=True))
+        out = model.forward_head(features)
+        kept = None
+        if keep_features and loaded.pooled_features:
+            kept = features.to(torch.float16).cpu().numpy()  # rounded on the device: half the transfer
+    return Forwarded(out.h.float().cpu(), kept)
 
 
 def pack(h: "torch.Tensor") -> np.ndarray:

@@ -30,7 +30,7 @@ from workers.encode import model as model_stage
 from workers.encode.model import LoadedModel, ModelHandle
 from workers.encode.read import Fetched, io_pool, read_object
 from workers.encode.rejects import CRASHED_WORKER, Failure, ImageRejected
-from workers.encode.write import codes_table, deletes_table, failures_table, parse_event_time
+from workers.encode.write import codes_table, deletes_table, failures_table, features_table, parse_event_time
 from workers.deliveries import History
 from workers.messages import Batch, ObjectRef
 
@@ -151,17 +151,21 @@ def encode_batch(batch: Batch, settings: Settings, model_handle: ModelHandle, *,
     todo = [r for r in refs if (r.bucket, r.key, r.etag) not in held]
 
     # 1+2) read ▶ decode ▶ prepare on the I/O threads, the forward overlapping them
-    ok, failures, codes, read_s, infer_s = _read_and_encode(todo, store, settings, loaded, batch_id)
+    ok, failures, codes, features, read_s, infer_s = _read_and_encode(todo, store, settings, loaded, batch_id)
     current = [i for i, item in enumerate(ok) if not _superseded(item.fetched.ref, item.fetched.info.etag)]
     failures_now = [f for f in failures if not _superseded(f.ref, f.etag)]
     superseded = len(ok) - len(current) + len(failures) - len(failures_now)
     ok, codes = [ok[i] for i in current], codes[current]
+    features = features[current] if features is not None else None
 
-    # 3) commit the batch's rows in one transaction
+    # 3) commit the batch's rows (codes, failures, features) in one transaction
     started = time.perf_counter()
     now = datetime.now(timezone.utc)
-    lake.commit(codes_table([item.fetched for item in ok], codes, loaded.card, batch_id, now) if ok else None,
-                failures_table(failures_now, loaded.version, batch_id, now) if failures_now else None)
+    fetched = [item.fetched for item in ok]
+    lake.commit(codes_table(fetched, codes, loaded.card, batch_id, now) if ok else None,
+                failures_table(failures_now, loaded.version, batch_id, now) if failures_now else None,
+                features_table(fetched, features, loaded.backbone_id, batch_id, now)
+                if ok and features is not None else None)
     write_s = time.perf_counter() - started
 
     event_times = [_epoch(item.fetched.ref.event_time) for item in ok if item.fetched.ref.event_time]
@@ -175,11 +179,13 @@ def _superseded(ref: ObjectRef, etag_read: str) -> bool:
 
 
 def _read_and_encode(refs: list[ObjectRef], store: ObjectStore, settings: Settings, loaded: LoadedModel,
-                     batch_id: str) -> tuple[list[_Loaded], list[Failure], np.ndarray, float, float]:
+                     batch_id: str) -> tuple[list[_Loaded], list[Failure], np.ndarray, np.ndarray | None, float, float]:
     """Load every ref on the I/O pool; forward the images as they arrive, in chunks of at least
     ``MIN_FORWARD_CHUNK`` (or whatever remains): the downloads still running overlap the forward.
 
-    Returns (loaded, failures, codes (N, bits/8) in the order of loaded, read_s, infer_s). Raises
+    Returns (loaded, failures, codes (N, bits/8) in the order of loaded, the backbone's pooled features
+    (N, D) float16 in the same order or None (``Settings.keep_features`` off, a multi-stage model),
+    read_s, infer_s). Raises
     ``ForwardFailed`` when a chunk's forward raises, ``LoadFailed`` when loading an object raised
     anything but a refusal, ``StoreUnavailable`` when the store does not answer, ``MemoryError`` naming
     the object whose load ran out.
@@ -191,6 +197,7 @@ def _read_and_encode(refs: list[ObjectRef], store: ObjectStore, settings: Settin
     failures: list[Failure] = []
     pending: list[_Loaded] = []  # loaded, not yet through the model
     chunks: list[np.ndarray] = []
+    feature_chunks: list[np.ndarray | None] = []
     read_s = infer_s = 0.0
     for i, (ref, future) in enumerate(zip(refs, futures)):
         try:
@@ -215,22 +222,31 @@ def _read_and_encode(refs: list[ObjectRef], store: ObjectStore, settings: Settin
             forward_started = time.perf_counter()
             if not chunks:
                 _test_delay(batch_id)
-            chunks.append(_forward_chunk(loaded, pending, batch_id))  # (n, bits/8) uint8
+            chunk_codes, chunk_features = _forward_chunk(loaded, pending, batch_id, settings.keep_features)
+            chunks.append(chunk_codes)  # (n, bits/8) uint8
+            feature_chunks.append(chunk_features)  # (n, D) float16, or None
             infer_s += time.perf_counter() - forward_started
             pending = []
     codes = np.concatenate(chunks) if chunks else np.zeros((0, loaded.card.bits // 8), np.uint8)
-    return ok, failures, codes, read_s, infer_s
+    features = None
+    if feature_chunks and all(f is not None for f in feature_chunks):
+        features = np.concatenate(feature_chunks)
+    return ok, failures, codes, features, read_s, infer_s
 
 
-def _forward_chunk(loaded: LoadedModel, items: list[_Loaded], batch_id: str) -> np.ndarray:
-    """Forward ▶ sign ▶ pack ``items``: (n, bits/8) uint8. Any error of the forward (a model that raises
-    on some input, torch out of memory on a too large chunk) becomes ``ForwardFailed`` naming the
-    batch and its objects; ``MemoryError`` passes through (the process ends, as for a read)."""
+def _forward_chunk(loaded: LoadedModel, items: list[_Loaded], batch_id: str,
+                   keep_features: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Forward ▶ sign ▶ pack ``items``: codes (n, bits/8) uint8, and the backbone's pooled features (n, D)
+    float16 of the same forward when ``keep_features`` (None otherwise, and for a multi-stage model).
+    Any error of the forward (a model that raises on some input, torch out of memory on a too large
+    chunk) becomes ``ForwardFailed`` naming the batch and its objects; ``MemoryError`` passes through
+    (the process ends, as for a read)."""
     import torch
 
     pixels = torch.cat([item.pixels for item in items])  # (n, 3, S, S)
     try:
-        return model_stage.pack(model_stage.forward(loaded, pixels))
+        out = model_stage.forward(loaded, pixels, keep_features=keep_features)
+        return model_stage.pack(out.h), out.features
     except MemoryError:
         raise
     except Exception as exc:
@@ -298,7 +314,7 @@ def _check_this_process_encodes(loaded: LoadedModel, settings: Settings) -> None
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), (128, 96, 64)).save(buf, format="JPEG")
     image = decode_image(buf.getvalue(), settings.max_image_pixels, name="the self-check image")
-    model_stage.pack(model_stage.forward(loaded, model_stage.prepare(loaded, [image])))
+    model_stage.pack(model_stage.forward(loaded, model_stage.prepare(loaded, [image]), keep_features=False).h)
 
 
 def _epoch(event_time: str) -> float:

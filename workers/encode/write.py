@@ -15,7 +15,8 @@ import pyarrow as pa
 
 from hashing_models.codes import as_code_matrix
 from hashlake.catalog import ModelCard
-from hashlake.lake.schema import CODES_SCHEMA, DELETES_SCHEMA, FAILURES_SCHEMA, epoch_ns
+from hashlake.lake.features import encode_features
+from hashlake.lake.schema import CODES_SCHEMA, DELETES_SCHEMA, FAILURES_SCHEMA, FEATURES_SCHEMA, epoch_ns
 from workers.encode.read import Fetched
 from workers.encode.rejects import Failure
 from workers.messages import Batch, ObjectRef
@@ -47,6 +48,22 @@ def codes_table(fetched: Sequence[Fetched], codes: np.ndarray, card: ModelCard, 
           "mtime_ns": version_order(f.ref, f.info.last_modified), "code": code.tobytes(), "model": card.version,
           "encoded_at": encoded_at, "labels": labels_of(f), "batch_id": batch_id}
          for f, code in zip(fetched, codes)], schema=CODES_SCHEMA)
+
+
+def features_table(fetched: Sequence[Fetched], features: np.ndarray, backbone: str, batch_id: str,
+                   encoded_at: datetime) -> pa.Table:
+    """Rows of the features table for ``fetched`` and their backbone's pooled features (N, D), in order:
+    one per image version, under ``backbone`` (``hashlake.models.backbone_id``), each a (D,) float16
+    little-endian blob. Identity columns are the code row's, so a feature row joins its code row on
+    (bucket, key, etag)."""
+    if features.ndim != 2 or features.shape[0] != len(fetched):
+        raise ValueError(f"{len(fetched)} objects but features of shape {features.shape}")
+    return pa.table({
+        "bucket": [f.ref.bucket for f in fetched], "key": [f.ref.key for f in fetched],
+        "etag": [f.info.etag for f in fetched], "version_id": [f.info.version_id for f in fetched],
+        "mtime_ns": [version_order(f.ref, f.info.last_modified) for f in fetched],
+        "backbone": [backbone] * len(fetched), "feature": encode_features(features),
+        "encoded_at": [encoded_at] * len(fetched), "batch_id": [batch_id] * len(fetched)}, schema=FEATURES_SCHEMA)
 
 
 def failures_table(failures: Sequence[Failure], model_version: str, batch_id: str, failed_at: datetime) -> pa.Table:
