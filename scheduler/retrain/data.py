@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from hashing_models.protocols import Split
+from hashlake.lake.features import decode_features
 from hashlake.lake.rules import current_codes_sql
 from hashlake.lake.schema import LAKE
 from hashlake.splits import split_sql
@@ -74,16 +75,8 @@ def features_sql(model_version: str, backbone: str, at: int, *, labelled: bool) 
         ORDER BY c.bucket, c.key"""
 
 
-def decode_features(blobs: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """Feature blobs ((D,) float16 little-endian each, all of one D) → (N, D) float32."""
-    values = [memoryview(b) for b in blobs.to_pylist()]
-    if not values:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.frombuffer(b"".join(values), dtype="<f2").reshape(len(values), -1).astype(np.float32)
-
-
 def load_labelled(con: duckdb.DuckDBPyConnection, model_version: str, backbone: str, at: int) -> LabelledImages:
-    table = con.execute(features_sql(model_version, backbone, at, labelled=True)).fetch_arrow_table()
+    table = con.execute(features_sql(model_version, backbone, at, labelled=True)).to_arrow_table()
     has = pc_is_valid(table.column("feature"))
     without = int(len(has) - has.sum())
     table = table.filter(pa.array(has))

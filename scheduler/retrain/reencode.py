@@ -24,7 +24,8 @@ from hashing_models.codes import pack_signs
 from hashlake.config import Settings
 from hashlake.lake.schema import CODES_SCHEMA, LAKE
 from hashlake.lake.writer import LakeWriter
-from scheduler.retrain.data import current_snapshot, decode_features, features_sql
+from hashlake.lake.features import decode_features
+from scheduler.retrain.data import current_snapshot, features_sql
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def todo_sql(active: str, candidate: str, backbone: str, at: int) -> str:
     return f"""
         SELECT t.* FROM ({features_sql(active, backbone, at, labelled=False)}) AS t
         WHERE t.feature IS NOT NULL
-          AND NOT EXISTS (SELECT 1 FROM {LAKE}.codes AT (VERSION => {int(at)}) AS o
+          AND NOT EXISTS (SELECT 1 FROM (SELECT * FROM {LAKE}.codes AT (VERSION => {int(at)})) AS o
                           WHERE o.model = {version} AND o.bucket = t.bucket AND o.key = t.key AND o.etag = t.etag)"""
 
 
@@ -77,7 +78,7 @@ def reencode_head(settings: Settings, con: duckdb.DuckDBPyConnection, *, active:
 
     started = time.monotonic()
     at = current_snapshot(con)
-    todo = con.execute(todo_sql(active, candidate, backbone, at)).fetch_arrow_table()
+    todo = con.execute(todo_sql(active, candidate, backbone, at)).to_arrow_table()
     total = todo.num_rows
     progress(0, total)
     done = 0
