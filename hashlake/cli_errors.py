@@ -30,8 +30,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from hashlake.catalog import ModelNotFound
     from hashlake.services import ServiceError
     from hashlake.store import StoreError
+    from scheduler.submit import SubmitError
 
-    return (StoreError, ModelNotFound, UndecodableImage, ServiceError, FileNotFoundError, FileExistsError,
+    return (StoreError, SubmitError, ModelNotFound, UndecodableImage, ServiceError, FileNotFoundError, FileExistsError,
             NotADirectoryError, PermissionError, ValueError, ValidationError, redis.RedisError, OperationalError,
             duckdb.Error)
 

@@ -95,6 +95,9 @@ class Settings(BaseSettings):
 
     # --- retraining (Ray) ----------------------------------------------------------------------
     ray_address: str = Field("http://127.0.0.1:8265", description="the Ray Jobs API (dashboard) URL")
+    retrain_cron: str = Field("0 2 * * *", description="when the nightly retraining runs: 5 cron fields, UTC")
+    retrain_mode: str = Field("head", description="the nightly run's mode: head (a new hash head on the stored "
+                                                  "features); finetune is not built")
     pushgateway_url: str | None = Field(None, description="a Prometheus Pushgateway (host:port or URL) the "
                                                           "retraining job pushes its metrics to; None: none")
     retrain_method: str = Field("hashnet", description="hashing method a head-mode retraining trains "

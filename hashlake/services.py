@@ -238,3 +238,52 @@ def _postgres_ready(port: int, user: str, password: str) -> bool:
     with psycopg.connect(host="127.0.0.1", port=port, user=user, password=password, dbname="postgres",
                          connect_timeout=1):
         return True
+
+
+def ray_temp_dir(root: Path) -> Path:
+    """A short folder for a Ray head's sessions: Ray puts unix sockets in it, whose paths may not exceed
+    107 bytes, so a deep stack folder cannot hold them; named by a hash of ``root``, one per stack."""
+    import hashlib
+
+    return Path("/tmp") / f"hl-ray-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:10]}"
+
+
+def start_ray(dashboard_port: int, root: Path, *, num_cpus: int | None = None, env: dict[str, str] | None = None,
+              log: Path | None = None, timeout_s: float = 120.0) -> Service:
+    """A Ray head (``ray start --head --block``) with its Jobs API on ``dashboard_port``.
+
+    Every port it listens on is a free one (the defaults, e.g. the dashboard agent's 52365, would collide
+    with any other Ray cluster on the machine), the dashboard listens on 127.0.0.1 only, and its sessions
+    live in ``ray_temp_dir(root)``. ``--block`` keeps ``ray start`` in the foreground as the parent of
+    the head's processes, in its own process group: stopping the Service (SIGTERM to the group) stops
+    this head and no other cluster (``ray stop`` would stop every Ray process of the machine).
+    Token authentication is off: the Jobs API is reachable from this machine only. Ready once the Jobs
+    API accepts work (its agent is up), not merely when the dashboard answers."""
+    exe = find_executable("ray", "install the project's dependencies with `make setup`")
+    ports = {name: free_port() for name in ("port", "ray-client-server-port", "node-manager-port",
+                                            "object-manager-port", "dashboard-agent-listen-port",
+                                            "dashboard-agent-grpc-port", "metrics-export-port",
+                                            "runtime-env-agent-port")}
+    argv = [exe, "start", "--head", "--block", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}", f"--temp-dir={ray_temp_dir(root)}", "--disable-usage-stats",
+            *(f"--{name}={port}" for name, port in ports.items())]
+    if num_cpus is not None:
+        argv.append(f"--num-cpus={num_cpus}")
+    svc = spawn("ray", argv, log or root / "ray.log", env={"RAY_AUTH_MODE": "disabled", **(env or {})},
+                port=dashboard_port)
+    return wait_ready(svc, lambda: _ray_jobs_ready(dashboard_port), timeout_s, f"the Ray head on port {dashboard_port}")
+
+
+def _ray_jobs_ready(port: int) -> bool:
+    """The Jobs API answers and its agent is registered (a submit before that fails with HTTP 500)."""
+    import json
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v0/nodes?detail=1", timeout=2) as resp:
+            nodes = json.load(resp)["data"]["result"]["result"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/jobs/", timeout=2) as resp:
+            resp.read()
+    except (OSError, ValueError, KeyError):
+        return False
+    return any(node.get("state") == "ALIVE" for node in nodes)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from hashlake.config import STACK_CONFIG_FILE, Settings
 from hashlake.services import (ServiceError, Service, find_executable, free_port, port_open, postgres_can_enter,
-                               spawn, start_moto, start_postgres, start_redis, wait_ready)
+                               spawn, start_moto, start_postgres, start_ray, start_redis, wait_ready)
 
 STATE_FILE = "stack.json"
 CONFIG_FILE = STACK_CONFIG_FILE
@@ -123,6 +123,9 @@ def up(settings: Settings, options: StackOptions = StackOptions(), log=print) ->
         shutil.rmtree(catalog_dir, ignore_errors=True)  # the S3 server's objects are gone: so is the lake
         keep(start_postgres(free_port(), catalog_dir, superuser=LOCAL_PG_USER, password=LOCAL_PG_PASSWORD,
                             log=root / "logs" / "postgres.log"))
+        ray_port = free_port()  # the Ray head's dashboard and Jobs API
+        pushgateway = shutil.which("prometheus-pushgateway") if options.prometheus else None
+        pushgateway_port = free_port() if pushgateway else None
         gpus, workers, processes = worker_layout(options)
         threads = options.torch_threads or max(1, (os.cpu_count() or 1) // (workers * processes))
         values = {
@@ -143,12 +146,20 @@ def up(settings: Settings, options: StackOptions = StackOptions(), log=print) ->
             "index_bucket": settings.index_bucket,
             "batch_size": settings.batch_size,
             "batch_window_ms": settings.batch_window_ms,
+            "ray_address": f"http://127.0.0.1:{ray_port}",
         }
+        if pushgateway_port:
+            values["pushgateway_url"] = f"127.0.0.1:{pushgateway_port}"
         config_path = root / CONFIG_FILE
         write_config(config_path, values)
         env = {"HASHLAKE_CONFIG": str(config_path)}
         stack_settings = load_stack_settings(config_path)
         _prepare_store(stack_settings, log)
+
+        # the retraining jobs' drivers run on the head and read the stack's settings from its environment
+        keep(start_ray(ray_port, root, env=env, log=root / "logs" / "ray.log"))
+        if pushgateway_port:
+            keep(_start_pushgateway(pushgateway, pushgateway_port, root))
 
         python = sys.executable
         intake = spawn("intake", [python, "-m", "hashlake.cli", "intake"], root / "logs" / "intake.log",
@@ -161,7 +172,8 @@ def up(settings: Settings, options: StackOptions = StackOptions(), log=print) ->
             keep(_start_worker(i, processes, port, {**env, **device}, root))
         if options.prometheus and shutil.which("prometheus"):
             keep(_start_prometheus(f"127.0.0.1:{stack_settings.metrics_port}",
-                                   [f"127.0.0.1:{p}" for p in worker_ports], root))
+                                   [f"127.0.0.1:{p}" for p in worker_ports], root,
+                                   stack_settings.pushgateway_url))
     except BaseException:
         for svc in reversed(started):
             svc.stop()
@@ -260,13 +272,19 @@ def _start_worker(index: int, processes: int, port: int, env: dict, root: Path) 
                       240, f"celery worker{index}")
 
 
-def _start_prometheus(intake: str, workers: list[str], root: Path) -> Service:
-    """Prometheus scraping the intake's and each worker node's /metrics."""
+def _start_pushgateway(exe: str, port: int, root: Path) -> Service:
+    svc = spawn("pushgateway", [exe, f"--web.listen-address=127.0.0.1:{port}"], root / "logs" / "pushgateway.log",
+                port=port)
+    return wait_ready(svc, lambda: port_open(port), 30, "the Pushgateway")
+
+
+def _start_prometheus(intake: str, workers: list[str], root: Path, pushgateway: str | None = None) -> Service:
+    """Prometheus scraping the intake's and each worker node's /metrics, and the Pushgateway."""
     from hashlake.prometheus_config import render_local_config
 
     port = free_port()
     config = root / "prometheus.yml"
-    config.write_text(render_local_config(intake, workers))
+    config.write_text(render_local_config(intake, workers, pushgateway=pushgateway))
     svc = spawn("prometheus", ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={root / 'data' / 'prometheus'}",
                                f"--web.listen-address=127.0.0.1:{port}"], root / "logs" / "prometheus.log", port=port)
     return wait_ready(svc, lambda: port_open(port), 30, "prometheus")

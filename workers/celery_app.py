@@ -15,6 +15,7 @@ The node empties PROMETHEUS_MULTIPROC_DIR at start and serves /metrics on the po
 from __future__ import annotations
 
 from celery import Celery
+from celery.schedules import crontab
 
 from hashlake.config import Settings, get_settings
 
@@ -27,7 +28,7 @@ PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 
 
 
 def make_app(settings: Settings) -> Celery:
-    app = Celery("hashlake", broker=settings.redis_url, include=["workers.tasks"])
+    app = Celery("hashlake", broker=settings.redis_url, include=["workers.tasks", "scheduler.tasks"])
     app.conf.update(
         # JSON only: a message is data, never code (pickle would run whatever a broker writer sends).
         task_serializer="json",
@@ -64,6 +65,10 @@ def make_app(settings: Settings) -> Celery:
         # The pool child loads the model in worker_process_init (torch import + weights: seconds),
         # longer than Celery's default 4 s wait for a new child.
         worker_proc_alive_timeout=120.0,
+        # Nightly retraining (scheduler/tasks.py): beat sends one task per scheduled minute, in UTC.
+        timezone="UTC",
+        beat_schedule={"nightly-retrain": {"task": "hashlake.retrain_nightly",
+                                           "schedule": crontab(*settings.retrain_cron.split())}},
     )
     return app
 
