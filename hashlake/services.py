@@ -269,7 +269,9 @@ def start_ray(dashboard_port: int, root: Path, *, num_cpus: int | None = None, e
             *(f"--{name}={port}" for name, port in ports.items())]
     if num_cpus is not None:
         argv.append(f"--num-cpus={num_cpus}")
-    svc = spawn("ray", argv, log or root / "ray.log", env={"RAY_AUTH_MODE": "disabled", **(env or {})},
+    # A job's entrypoint (`python -m scheduler.retrain`) finds `python` on the head's PATH: this interpreter's.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    svc = spawn("ray", argv, log or root / "ray.log", env={"RAY_AUTH_MODE": "disabled", "PATH": path, **(env or {})},
                 port=dashboard_port)
     return wait_ready(svc, lambda: _ray_jobs_ready(dashboard_port), timeout_s, f"the Ray head on port {dashboard_port}")
 

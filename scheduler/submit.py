@@ -34,15 +34,23 @@ def client(settings: Settings):
         raise SubmitError(f"no Ray Jobs API at {settings.ray_address} (HASHLAKE_RAY_ADDRESS): {exc}") from exc
 
 
-def slot_of(cron: str, now: datetime) -> datetime:
-    """The latest minute at or before ``now`` (UTC) that the 5-field ``cron`` schedules; looks back up to
-    31 days (a schedule firing less often than monthly is refused)."""
+def cron_schedule(cron: str):
+    """A 5-field cron string (minute hour day-of-month month day-of-week, as crontab(5) orders them) →
+    Celery's ``crontab`` (whose positional order differs: keywords here)."""
     from celery.schedules import crontab
 
     fields = cron.split()
     if len(fields) != 5:
         raise ValueError(f"retrain cron {cron!r}: need 5 fields (minute hour day-of-month month day-of-week)")
-    schedule = crontab(*fields)
+    minute, hour, day_of_month, month_of_year, day_of_week = fields
+    return crontab(minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month_of_year,
+                   day_of_week=day_of_week)
+
+
+def slot_of(cron: str, now: datetime) -> datetime:
+    """The latest minute at or before ``now`` (UTC) that the 5-field ``cron`` schedules; looks back up to
+    31 days (a schedule firing less often than monthly is refused)."""
+    schedule = cron_schedule(cron)
     moment = now.astimezone(timezone.utc).replace(second=0, microsecond=0)
     for _ in range(31 * 24 * 60):
         if (moment.minute in schedule.minute and moment.hour in schedule.hour

@@ -15,7 +15,7 @@ import pytest
 
 from hashlake.config import Settings
 from hashlake.lake.catalog_db import ensure_catalog
-from hashlake.services import free_port, start_moto, start_postgres, start_redis
+from hashlake.services import free_port, start_moto, start_postgres, start_ray, start_redis
 from hashlake.store import ObjectStore
 
 PG_SUPERUSER, PG_PASSWORD = "hashlake", "hashlake-test-pw"
@@ -55,6 +55,16 @@ def pg_service():
     yield svc
     svc.stop()
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_head(services_dir):
+    """A Ray head as the stack starts one (free ports, its own session folder); its Jobs API URL is
+    ``ray_head.port``'s. Its job drivers read a test's settings from the HASHLAKE_CONFIG the submitter
+    passes (scheduler.submit's runtime env)."""
+    svc = start_ray(free_port(), services_dir / "ray", num_cpus=2)
+    yield svc
+    svc.stop()
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ The node empties PROMETHEUS_MULTIPROC_DIR at start and serves /metrics on the po
 from __future__ import annotations
 
 from celery import Celery
-from celery.schedules import crontab
 
 from hashlake.config import Settings, get_settings
 
@@ -28,6 +27,8 @@ PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 
 
 
 def make_app(settings: Settings) -> Celery:
+    from scheduler.submit import cron_schedule  # imports no Ray: the client is imported where a job is submitted
+
     app = Celery("hashlake", broker=settings.redis_url, include=["workers.tasks", "scheduler.tasks"])
     app.conf.update(
         # JSON only: a message is data, never code (pickle would run whatever a broker writer sends).
@@ -68,7 +69,7 @@ def make_app(settings: Settings) -> Celery:
         # Nightly retraining (scheduler/tasks.py): beat sends one task per scheduled minute, in UTC.
         timezone="UTC",
         beat_schedule={"nightly-retrain": {"task": "hashlake.retrain_nightly",
-                                           "schedule": crontab(*settings.retrain_cron.split())}},
+                                           "schedule": cron_schedule(settings.retrain_cron)}},
     )
     return app
 
