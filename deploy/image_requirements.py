@@ -3,8 +3,9 @@
     python image_requirements.py pyproject.toml worker   # intake, encode workers, beat, the CLI
     python image_requirements.py pyproject.toml ray      # Ray head and worker nodes (retraining jobs)
 
-``worker`` is the project's dependencies without those only the local stack (LOCAL_ONLY), offline
-reports (REPORTS) or retraining (``ray``) use: a worker image carries no S3 emulator and no Ray. ``ray`` adds every pinned ``ray`` requirement
+``worker`` is the project's dependencies without those only the local stack (LOCAL_ONLY) or offline
+reports (REPORTS) use: a worker image carries no S3 emulator. It keeps Ray: the beat task and
+``hashlake retrain`` submit jobs through Ray's Jobs client. ``ray`` adds every pinned ``ray`` requirement
 that pyproject.toml declares (among the dependencies or in an optional group) and the report
 plotting the retraining job writes. One list of pins, pyproject.toml's; this only selects from it.
 """
@@ -34,7 +35,7 @@ def requirements(pyproject: Path, role: str) -> list[str]:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     project = tomllib.loads(pyproject.read_text())["project"]
     base = project["dependencies"]
-    worker = [r for r in base if requirement_name(r) not in LOCAL_ONLY | REPORTS | {"ray"}]
+    worker = [r for r in base if requirement_name(r) not in LOCAL_ONLY | REPORTS]
     if role == "worker":
         return worker
     declared = [*base, *(r for group in project.get("optional-dependencies", {}).values() for r in group)]
@@ -43,7 +44,7 @@ def requirements(pyproject: Path, role: str) -> list[str]:
         raise ValueError(f"{pyproject} declares no `ray` requirement: the Ray nodes of the deployment need it "
                          f"(pin it among the dependencies or in an optional group)")
     reports = [r for r in base if requirement_name(r) in REPORTS]
-    return [*worker, *reports, *dict.fromkeys(ray)]
+    return [*dict.fromkeys([*worker, *reports, *ray])]
 
 
 def main(argv: list[str]) -> int:
