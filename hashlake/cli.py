@@ -344,6 +344,9 @@ def retrain(mode: Annotated[str, typer.Option(help="head: a new hash head on the
     """Submit a retraining run to the Ray cluster (HASHLAKE_RAY_ADDRESS) now, as the nightly schedule does."""
     from scheduler.submit import resume as resume_run, submit_retrain, wait_with_progress
 
+    if mode != "head":
+        fail(f"retraining mode {mode!r} is not available: only head mode (a new hash head on the stored features) "
+             f"is built")
     settings = load_settings()
     submission = resume_run(settings, resume) if resume else submit_retrain(settings, mode)
     run_id = resume or submission

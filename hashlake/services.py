@@ -289,3 +289,10 @@ def _ray_jobs_ready(port: int) -> bool:
     except (OSError, ValueError, KeyError):
         return False
     return any(node.get("state") == "ALIVE" for node in nodes)
+
+
+def start_pushgateway(port: int, log: Path) -> Service:
+    """A Prometheus Pushgateway (Debian's prometheus-pushgateway) on 127.0.0.1:``port``, in memory only."""
+    exe = find_executable("prometheus-pushgateway", "install it with `make setup` (apt-get install prometheus-pushgateway)")
+    svc = spawn("pushgateway", [exe, f"--web.listen-address=127.0.0.1:{port}"], log, port=port)
+    return wait_ready(svc, lambda: port_open(port), 30, "the Pushgateway")

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from hashlake.config import STACK_CONFIG_FILE, Settings
 from hashlake.services import (ServiceError, Service, find_executable, free_port, port_open, postgres_can_enter,
-                               spawn, start_moto, start_postgres, start_ray, start_redis, wait_ready)
+                               spawn, start_moto, start_postgres, start_pushgateway, start_ray, start_redis,
+                               wait_ready)
 
 STATE_FILE = "stack.json"
 CONFIG_FILE = STACK_CONFIG_FILE
@@ -159,7 +160,7 @@ def up(settings: Settings, options: StackOptions = StackOptions(), log=print) ->
         # the retraining jobs' drivers run on the head and read the stack's settings from its environment
         keep(start_ray(ray_port, root, env=env, log=root / "logs" / "ray.log"))
         if pushgateway_port:
-            keep(_start_pushgateway(pushgateway, pushgateway_port, root))
+            keep(start_pushgateway(pushgateway_port, root / "logs" / "pushgateway.log"))
 
         python = sys.executable
         intake = spawn("intake", [python, "-m", "hashlake.cli", "intake"], root / "logs" / "intake.log",
@@ -270,12 +271,6 @@ def _start_worker(index: int, processes: int, port: int, env: dict, root: Path) 
     # serves its metrics (it starts the exporter at Celery's worker_ready, which may come later).
     return wait_ready(svc, lambda: "ready with model" in svc.log.read_text(errors="replace") and port_open(port),
                       240, f"celery worker{index}")
-
-
-def _start_pushgateway(exe: str, port: int, root: Path) -> Service:
-    svc = spawn("pushgateway", [exe, f"--web.listen-address=127.0.0.1:{port}"], root / "logs" / "pushgateway.log",
-                port=port)
-    return wait_ready(svc, lambda: port_open(port), 30, "the Pushgateway")
 
 
 def _start_prometheus(intake: str, workers: list[str], root: Path, pushgateway: str | None = None) -> Service:

@@ -60,6 +60,28 @@ def indexed(settings, torch_one_thread):
     return settings, card.version
 
 
+@pytest.fixture(scope="module")
+def pushgateway(tmp_path_factory):
+    from hashlake.services import free_port, start_pushgateway
+
+    svc = start_pushgateway(free_port(), tmp_path_factory.mktemp("pushgateway") / "pushgateway.log")
+    yield f"127.0.0.1:{svc.port}"
+    svc.stop()
+
+
+def pushed(address: str) -> dict[tuple[str, frozenset], float]:
+    """(series name, its labels but job and instance) → value, of what the Pushgateway holds."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {(sample.name, frozenset((k, v) for k, v in sample.labels.items() if k not in ("job", "instance"))):
+            sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.labels.get("job") == "hashlake-retrain"}
+
+
 def served(settings) -> tuple[set[str], int]:
     """(model versions the ``codes`` view serves, its row count), as a user's query sees them."""
     con = connect(settings)
@@ -70,8 +92,9 @@ def served(settings) -> tuple[set[str], int]:
         con.close()
 
 
-def test_retrain_gates_reencodes_and_flips_while_queries_see_one_version(indexed, ray_address):
+def test_retrain_gates_reencodes_and_flips_while_queries_see_one_version(indexed, ray_address, pushgateway):
     settings, untrained = indexed
+    settings = settings.model_copy(update={"pushgateway_url": pushgateway})
     catalog = Catalog(ObjectStore(settings), settings)
     seen: list[tuple[set[str], int]] = []
     stop = threading.Event()
@@ -99,6 +122,14 @@ def test_retrain_gates_reencodes_and_flips_while_queries_see_one_version(indexed
     assert card.metrics["lake_snapshot"] == data["snapshot"] and card.training["method"] == settings.retrain_method
     assert served(settings) == ({state.candidate}, len(IMAGES))
     assert seen and all(s in (({untrained}, len(IMAGES)), ({state.candidate}, len(IMAGES))) for s in seen)
+
+    # the job pushed its figures: the run counts from the run records, the gate's mAP by version
+    metrics = pushed(pushgateway)
+    assert metrics[("hashlake_retrain_runs_total", frozenset({("outcome", "succeeded")}))] == 1
+    assert metrics[("hashlake_retrain_runs_total", frozenset({("outcome", "failed")}))] == 0
+    candidate_map = ("hashlake_model_map", frozenset({("version", state.candidate), ("split", "evaluation")}))
+    assert metrics[candidate_map] == pytest.approx(evaluate["candidate_map"])
+    assert metrics[("hashlake_retrain_step_seconds", frozenset({("step", "reencode")}))] > 0
 
     # the report of the new version over the lake agrees with the gate's figure for it
     from hashlake.report_lake import version_report
@@ -177,3 +208,25 @@ def test_a_job_killed_during_reencode_leaves_the_old_version_and_a_rerun_complet
     finally:
         con.close()
     assert rows == (len(IMAGES), len(IMAGES))
+
+
+def test_hashlake_retrain_wait_runs_the_job_on_the_ray_head(indexed, ray_head, tmp_path):
+    """What a user runs: `hashlake retrain --wait` submits to the Ray head, follows the run, and the new
+    version serves; `hashlake jobs` lists it."""
+    from hashlake.stack import write_config
+
+    settings, untrained = indexed
+    config = tmp_path / "settings.toml"
+    values = {name[len("HASHLAKE_"):].lower(): value for name, value in cli_env(settings).items()}
+    write_config(config, {**values, "retrain_epochs": 10, "ray_address": f"http://127.0.0.1:{ray_head.port}"})
+    env = {**os.environ, "HASHLAKE_CONFIG": str(config)}
+    hashlake = [sys.executable, "-m", "hashlake.cli"]
+    out = subprocess.run([*hashlake, "retrain", "--wait"], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    run_id = out.stdout.split()[1].rstrip(":")
+    assert f"run {run_id}: succeeded" in out.stdout and "evaluate.candidate_map" in out.stdout
+    state = RunLog(settings).load(run_id)
+    assert Catalog(ObjectStore(settings), settings).active() == state.candidate != untrained
+    assert served(settings) == ({state.candidate}, len(IMAGES))
+    listed = subprocess.run([*hashlake, "jobs"], env=env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and run_id[:20] in listed.stdout and "succeeded" in listed.stdout

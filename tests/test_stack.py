@@ -84,7 +84,8 @@ def indexed(con, keys) -> dict[str, str]:
 def test_stack_status_and_single_instance(running):
     base, _ = running
     rows = stack.status(base)
-    assert {r.name for r, _ in rows} == {"redis", "s3", "postgres", "intake", "worker0", "prometheus"}
+    assert {r.name for r, _ in rows} == {"redis", "s3", "postgres", "ray", "pushgateway", "intake", "worker0",
+                                         "prometheus"}
     assert [r.name for r, healthy in rows if not healthy] == []
     with pytest.raises(Exception, match="already running"):
         stack.up(base, log=lambda *_: None)
