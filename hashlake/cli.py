@@ -374,7 +374,7 @@ def jobs(limit: Annotated[int, typer.Option(help="show the newest N runs")] = 20
 
     from scheduler.retrain.state import RunLog
 
-    table = Table("run", "mode", "outcome", "candidate", "started (UTC)", Column("s", justify="right"),
+    table = Table(Column("run", no_wrap=True), "mode", "outcome", "candidate", "started (UTC)", Column("s", justify="right"),
                   Column("mAP active → candidate", justify="right"), "reason")
     for state in RunLog(load_settings()).runs()[:limit]:
         figures = state.figures

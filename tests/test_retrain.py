@@ -219,7 +219,7 @@ def test_hashlake_retrain_wait_runs_the_job_on_the_ray_head(indexed, ray_head, t
     config = tmp_path / "settings.toml"
     values = {name[len("HASHLAKE_"):].lower(): value for name, value in cli_env(settings).items()}
     write_config(config, {**values, "retrain_epochs": 10, "ray_address": f"http://127.0.0.1:{ray_head.port}"})
-    env = {**os.environ, "HASHLAKE_CONFIG": str(config)}
+    env = {**os.environ, "HASHLAKE_CONFIG": str(config), "COLUMNS": "250"}
     hashlake = [sys.executable, "-m", "hashlake.cli"]
     out = subprocess.run([*hashlake, "retrain", "--wait"], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
