@@ -9,6 +9,7 @@ import pytest
 from hashlake.store import ObjectStore
 
 from scheduler.submit import SubmitError, client, resume, run_id_for, slot_of, submit_nightly
+from scheduler.submit import cron_schedule as slot_schedule
 from scheduler.retrain.state import RunLog, RunState
 
 
@@ -72,3 +73,14 @@ def test_an_unreachable_ray_cluster_is_a_clear_error(settings):
     settings = settings.model_copy(update={"ray_address": "http://127.0.0.1:9"})
     with pytest.raises(SubmitError, match="no Ray Jobs API at http://127.0.0.1:9"):
         submit_nightly(settings, at("2026-12-02T02:00:00"))
+
+
+def test_the_beat_entry_fires_nightly_on_a_queue_no_encode_backlog_delays():
+    from workers.celery_app import QUEUE, SCHEDULER_QUEUE, app
+    from scheduler.tasks import NIGHTLY_TASK
+
+    entry = app.conf.beat_schedule["nightly-retrain"]
+    assert entry["task"] == NIGHTLY_TASK and str(entry["schedule"]) == str(slot_schedule("0 2 * * *"))
+    assert app.amqp.router.route({}, NIGHTLY_TASK)["queue"].name == SCHEDULER_QUEUE
+    assert {q.name for q in app.conf.task_queues} == {QUEUE, SCHEDULER_QUEUE}  # a worker without -Q takes both
+    assert NIGHTLY_TASK in app.tasks

@@ -15,10 +15,14 @@ The node empties PROMETHEUS_MULTIPROC_DIR at start and serves /metrics on the po
 from __future__ import annotations
 
 from celery import Celery
+from kombu import Queue
 
 from hashlake.config import Settings, get_settings
 
 QUEUE = "hashlake"  # a queue of our own, so that other apps on the same Redis do not take our tasks
+# The nightly submission's queue: a worker started without -Q consumes both, and the task waits only
+# behind the batch a worker has in hand, never behind an encode backlog.
+SCHEDULER_QUEUE = "hashlake-scheduler"
 
 # A publish to a dead broker must fail fast: the intake answers 503 and MinIO retries the event.
 # Connection refused fails at once; an unreachable host costs connect timeout × attempts ≈ 3 s.
@@ -38,6 +42,8 @@ def make_app(settings: Settings) -> Celery:
         event_serializer="json",
         task_ignore_result=True,  # outputs are shards; nobody waits on results
         task_default_queue=QUEUE,
+        task_queues=(Queue(QUEUE), Queue(SCHEDULER_QUEUE)),
+        task_routes={"hashlake.retrain_nightly": {"queue": SCHEDULER_QUEUE}},
         # At-least-once: ack after the task finished; a pool child that dies mid-batch gets its
         # message requeued at once (reject_on_worker_lost). A retried batch adds nothing the lake holds.
         task_acks_late=True,
