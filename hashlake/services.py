@@ -253,7 +253,7 @@ def start_ray(dashboard_port: int, root: Path, *, num_cpus: int | None = None, e
     """A Ray head (``ray start --head --block``) with its Jobs API on ``dashboard_port``.
 
     Every port it listens on is a free one (the defaults, e.g. the dashboard agent's 52365, would collide
-    with any other Ray cluster on the machine), the dashboard listens on 127.0.0.1 only, and its sessions
+    with any other Ray cluster on the machine), the node and its dashboard listen on 127.0.0.1 only, and its sessions
     live in ``ray_temp_dir(root)``. ``--block`` keeps ``ray start`` in the foreground as the parent of
     the head's processes, in its own process group: stopping the Service (SIGTERM to the group) stops
     this head and no other cluster (``ray stop`` would stop every Ray process of the machine).
@@ -264,7 +264,8 @@ def start_ray(dashboard_port: int, root: Path, *, num_cpus: int | None = None, e
                                             "object-manager-port", "dashboard-agent-listen-port",
                                             "dashboard-agent-grpc-port", "metrics-export-port",
                                             "runtime-env-agent-port")}
-    argv = [exe, "start", "--head", "--block", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+    argv = [exe, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}", f"--temp-dir={ray_temp_dir(root)}", "--disable-usage-stats",
             *(f"--{name}={port}" for name, port in ports.items())]
     if num_cpus is not None:
