@@ -28,7 +28,6 @@ import io
 import multiprocessing
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from datetime import datetime, timezone
@@ -42,13 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hashlake.config import Settings  # noqa: E402
-from hashlake.lake import init_lake  # noqa: E402
-from hashlake.lake.catalog_db import ensure_catalog  # noqa: E402
 from hashlake.lake.maintenance import compact  # noqa: E402
 from hashlake.lake.schema import CODES_SCHEMA  # noqa: E402
 from hashlake.lake.writer import LakeWriter  # noqa: E402
-from hashlake.services import free_port, start_moto, start_postgres  # noqa: E402
-from hashlake.store import ObjectStore  # noqa: E402
+from private_lake import private_lake  # noqa: E402  (benchmarks/, this script's folder)
 from workers.messages import ObjectRef  # noqa: E402
 
 BATCH = 32  # Settings.batch_size: what one encode task commits
@@ -131,87 +127,70 @@ def main() -> None:
     args = parser.parse_args()
     n, extra = args.images, max(BATCH, args.images // 100)
 
-    with tempfile.TemporaryDirectory(prefix="hashlake-lake-bench-") as tmp:
-        root = Path(tmp)
-        root.chmod(0o755)  # run as root, PostgreSQL runs as the postgres user and must enter it
-        pg = start_postgres(free_port(), root / "pg", superuser="hashlake", password="bench")
-        s3 = start_moto(free_port(), root / "s3")
-        try:
-            settings = Settings(s3_endpoint=f"http://127.0.0.1:{s3.port}", s3_access_key="bench", s3_secret_key="bench",
-                                images_bucket="images", index_bucket="hashlake", pg_port=pg.port, pg_password="bench",
-                                stack_dir=root / "stack")
-            store = ObjectStore(settings)
-            store.ensure_bucket(settings.images_bucket)
-            store.ensure_bucket(settings.index_bucket)
-            ensure_catalog(settings)
-            init_lake(settings)
+    with private_lake("hashlake-lake-bench-") as (settings, store):
+        # 1) commits, with compaction alongside as the stack runs it
+        stop = threading.Event()
+        compactions: list[float] = []
 
-            # 1) commits, with compaction alongside as the stack runs it
-            stop = threading.Event()
-            compactions: list[float] = []
+        def compactor() -> None:
+            while not stop.wait(args.compact_every):
+                compactions.append(compact(settings).seconds)
+        thread = threading.Thread(target=compactor, daemon=True)
+        thread.start()
+        commit_s = commit_with_writers(settings, 0, n, n + extra)
+        stop.set()
+        thread.join()
+        print(f"commit: {n} images in {commit_s:.1f} s from 2 writer processes; "
+              f"{len(compactions)} compactions meanwhile ({', '.join(f'{c:.1f}' for c in compactions)} s)")
 
-            def compactor() -> None:
-                while not stop.wait(args.compact_every):
-                    compactions.append(compact(settings).seconds)
-            thread = threading.Thread(target=compactor, daemon=True)
-            thread.start()
-            commit_s = commit_with_writers(settings, 0, n, n + extra)
-            stop.set()
-            thread.join()
-            print(f"commit: {n} images in {commit_s:.1f} s from 2 writer processes; "
-                  f"{len(compactions)} compactions meanwhile ({', '.join(f'{c:.1f}' for c in compactions)} s)")
+        # 2) compaction
+        summary = compact(settings)
+        print(f"compaction: {summary}")
 
-            # 2) compaction
-            summary = compact(settings)
-            print(f"compaction: {summary}")
+        # 3) load beside one Parquet file of the same rows and columns, in the same bucket
+        from hashlake.index.lake_source import CODE_COLUMNS
 
-            # 3) load beside one Parquet file of the same rows and columns, in the same bucket
-            from hashlake.index.lake_source import CODE_COLUMNS
-
-            whole = batch_table(0, n, all_codes(n + extra)[:n]).select(list(CODE_COLUMNS))
-            sink = io.BytesIO()
-            pq.write_table(whole, sink, compression="zstd")
-            store.put(settings.index_bucket, "reference/codes.parquet", sink.getvalue())
-            del whole, sink
-            loads, reads = [], []
-            context = multiprocessing.get_context("spawn")
-            for _ in range(3):
-                queue = context.Queue()
-                proc = context.Process(target=load_in_fresh_process, args=(settings, queue))
-                proc.start()
-                load_s, rows = queue.get()
-                proc.join()
-                assert rows == n, f"the index holds {rows} rows, {n} were committed"
-                loads.append(load_s)
-                t0 = time.perf_counter()
-                body, _ = store.get(settings.index_bucket, "reference/codes.parquet")
-                table = pq.read_table(io.BytesIO(body))
-                reads.append(time.perf_counter() - t0)
-                assert table.num_rows == n
-                del body, table
-            load_s, read_s = statistics.median(loads), statistics.median(reads)
-            print(f"load: index {', '.join(f'{x:.2f}' for x in loads)} s; one Parquet file "
-                  f"{', '.join(f'{x:.2f}' for x in reads)} s")
-
-            # 4) refresh after 1% more
-            from hashlake import sql
-
-            con = sql.connect(settings, model_version=VERSION)
-            commit_with_writers(settings, n, n + extra, n + extra)
+        whole = batch_table(0, n, all_codes(n + extra)[:n]).select(list(CODE_COLUMNS))
+        sink = io.BytesIO()
+        pq.write_table(whole, sink, compression="zstd")
+        store.put(settings.index_bucket, "reference/codes.parquet", sink.getvalue())
+        del whole, sink
+        loads, reads = [], []
+        context = multiprocessing.get_context("spawn")
+        for _ in range(3):
+            queue = context.Queue()
+            proc = context.Process(target=load_in_fresh_process, args=(settings, queue))
+            proc.start()
+            load_s, rows = queue.get()
+            proc.join()
+            assert rows == n, f"the index holds {rows} rows, {n} were committed"
+            loads.append(load_s)
             t0 = time.perf_counter()
-            snapshot = sql.refresh(con)
-            refresh_s = time.perf_counter() - t0
-            assert snapshot.rows == n + extra
+            body, _ = store.get(settings.index_bucket, "reference/codes.parquet")
+            table = pq.read_table(io.BytesIO(body))
+            reads.append(time.perf_counter() - t0)
+            assert table.num_rows == n
+            del body, table
+        load_s, read_s = statistics.median(loads), statistics.median(reads)
+        print(f"load: index {', '.join(f'{x:.2f}' for x in loads)} s; one Parquet file "
+              f"{', '.join(f'{x:.2f}' for x in reads)} s")
 
-            # 5) count and search_rows
-            query = all_codes(n + extra)[7].tobytes().hex()
-            count_ms = median_ms(lambda: con.sql("SELECT count(*) FROM codes").fetchone(), 20)
-            rows_ms = median_ms(lambda: con.sql(f"SELECT * FROM search_rows('{query}', 10)").fetchall(), 100)
-            assert con.sql(f"SELECT distance FROM search_rows('{query}', 1)").fetchone()[0] == 0
-            files = con.sql("SELECT count(*) FROM ducklake_list_files('lake', 'codes')").fetchone()[0]
-        finally:
-            s3.stop()
-            pg.stop()
+        # 4) refresh after 1% more
+        from hashlake import sql
+
+        con = sql.connect(settings, model_version=VERSION)
+        commit_with_writers(settings, n, n + extra, n + extra)
+        t0 = time.perf_counter()
+        snapshot = sql.refresh(con)
+        refresh_s = time.perf_counter() - t0
+        assert snapshot.rows == n + extra
+
+        # 5) count and search_rows
+        query = all_codes(n + extra)[7].tobytes().hex()
+        count_ms = median_ms(lambda: con.sql("SELECT count(*) FROM codes").fetchone(), 20)
+        rows_ms = median_ms(lambda: con.sql(f"SELECT * FROM search_rows('{query}', 10)").fetchall(), 100)
+        assert con.sql(f"SELECT distance FROM search_rows('{query}', 1)").fetchone()[0] == 0
+        files = con.sql("SELECT count(*) FROM ducklake_list_files('lake', 'codes')").fetchone()[0]
 
     print(f"RESULT lake_commit_images_per_s {n / commit_s:.1f}")
     print(f"RESULT lake_load_s {load_s:.3f}")

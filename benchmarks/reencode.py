@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,13 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hashlake.config import Settings  # noqa: E402
-from hashlake.lake import init_lake  # noqa: E402
-from hashlake.lake.catalog_db import ensure_catalog  # noqa: E402
 from hashlake.lake.connection import open_lake  # noqa: E402
 from hashlake.lake.features import encode_features  # noqa: E402
 from hashlake.lake.schema import CODES_SCHEMA, FEATURES_SCHEMA, LAKE  # noqa: E402
-from hashlake.services import free_port, start_moto, start_postgres  # noqa: E402
-from hashlake.store import ObjectStore  # noqa: E402
+from private_lake import private_lake  # noqa: E402  (benchmarks/, this script's folder)
 
 ACTIVE, CANDIDATE, BACKBONE = "bench-active", "bench-candidate", "effnetlite0-128px-bench"
 DIM, BITS, CHUNK = 1280, 64, 50_000
@@ -175,32 +171,16 @@ def main() -> None:
     import ray
 
     ray.init(include_dashboard=False, log_to_driver=False)
-    with tempfile.TemporaryDirectory(prefix="hashlake-reencode-bench-") as tmp:
-        root = Path(tmp)
-        root.chmod(0o755)  # run as root, PostgreSQL runs as the postgres user and must enter it
-        pg = start_postgres(free_port(), root / "pg", superuser="hashlake", password="bench")
-        s3 = start_moto(free_port(), root / "s3")
-        try:
-            settings = Settings(s3_endpoint=f"http://127.0.0.1:{s3.port}", s3_access_key="bench", s3_secret_key="bench",
-                                images_bucket="images", index_bucket="hashlake", pg_port=pg.port, pg_password="bench",
-                                stack_dir=root / "stack")
-            store = ObjectStore(settings)
-            store.ensure_bucket(settings.images_bucket)
-            store.ensure_bucket(settings.index_bucket)
-            ensure_catalog(settings)
-            init_lake(settings)
-            fill_s = fill(settings, args.images)
-            print(f"fill: {args.images} codes + features rows in {fill_s:.1f} s")
-            head = candidate_head()
-            bare = bare_head_rows_per_s(head, args.images)
-            figures = reencode(settings, head)
-            print(f"re-encode: {figures}; bare head forward {bare:,.0f} rows/s")
-            retrain_s = retrain_map = None
-            if not args.skip_retrain:
-                retrain_s, retrain_map = retrain(settings)
-        finally:
-            s3.stop()
-            pg.stop()
+    with private_lake("hashlake-reencode-bench-") as (settings, store):
+        fill_s = fill(settings, args.images)
+        print(f"fill: {args.images} codes + features rows in {fill_s:.1f} s")
+        head = candidate_head()
+        bare = bare_head_rows_per_s(head, args.images)
+        figures = reencode(settings, head)
+        print(f"re-encode: {figures}; bare head forward {bare:,.0f} rows/s")
+        retrain_s = retrain_map = None
+        if not args.skip_retrain:
+            retrain_s, retrain_map = retrain(settings)
     print(f"RESULT head_reencode_rows_per_s {figures['rows_per_s']:.0f}")
     print(f"RESULT head_forward_rows_per_s {bare:.0f}")
     print(f"RESULT head_reencode_vs_bare_head_ratio {figures['rows_per_s'] / bare:.3f}")

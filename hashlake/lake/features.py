@@ -88,16 +88,21 @@ def read_features(con: duckdb.DuckDBPyConnection, backbone: str,
     return out, found
 
 
-def features_of_current_codes_sql(model_version: str) -> str:
+def features_of_current_codes_sql(model_version: str, at: int | None = None) -> str:
     """A SELECT (parameter ``$backbone``) of ``model_version``'s current code rows (``rules.current_codes_sql``:
     deletes and newer versions applied), each with its stored ``feature`` blob under the backbone, NULL
     when none is stored (an image encoded with ``keep_features`` off, or before the table existed: it
-    has to be read again)."""
+    has to be read again). ``at``: read every table at that lake snapshot instead of the current one."""
     version = "'" + model_version.replace("'", "''") + "'"
-    current = current_codes_sql(f"(SELECT * FROM {LAKE}.codes WHERE model = {version})", f"{LAKE}.deletes")
+    snapshot = f" AT (VERSION => {int(at)})" if at is not None else ""
+
+    def table(name: str) -> str:
+        return f"(SELECT * FROM {LAKE}.{name}{snapshot})"
+
+    current = current_codes_sql(f"(SELECT * FROM {table('codes')} WHERE model = {version})", table("deletes"))
     return f"""
         SELECT c.*, f.feature FROM ({current}) AS c
-        LEFT JOIN (SELECT bucket, key, etag, feature, encoded_at FROM {LAKE}.features
+        LEFT JOIN (SELECT bucket, key, etag, feature, encoded_at FROM {table('features')}
                    WHERE backbone = $backbone) AS f
           ON f.bucket = c.bucket AND f.key = c.key AND f.etag = c.etag
         QUALIFY row_number() OVER (PARTITION BY c.bucket, c.key ORDER BY f.encoded_at NULLS LAST) = 1"""

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from hashing_models.protocols import Split
-from hashlake.lake.features import decode_features
-from hashlake.lake.rules import current_codes_sql
+from hashlake.lake.features import decode_features, features_of_current_codes_sql
 from hashlake.lake.schema import LAKE
 from hashlake.splits import split_sql
 
@@ -53,31 +53,20 @@ def current_snapshot(con: duckdb.DuckDBPyConnection) -> int:
     return int(con.execute(f"FROM {LAKE}.current_snapshot()").fetchone()[0])
 
 
-def _current_codes(model_version: str, at: int) -> str:
-    version = "'" + model_version.replace("'", "''") + "'"
-    rows = f"(SELECT * FROM {LAKE}.codes AT (VERSION => {int(at)}) WHERE model = {version})"
-    return current_codes_sql(rows, f"(SELECT * FROM {LAKE}.deletes AT (VERSION => {int(at)}))")
-
-
-def features_sql(model_version: str, backbone: str, at: int, *, labelled: bool) -> str:
-    """The current codes rows of ``model_version`` at snapshot ``at`` (labelled ones only, or all),
-    each with its ``feature`` blob of ``backbone`` (NULL when it has none) and its ``split``."""
-    backbone_literal = "'" + backbone.replace("'", "''") + "'"
+def features_sql(model_version: str, at: int, *, labelled: bool) -> str:
+    """The current codes rows of ``model_version`` at snapshot ``at`` (labelled ones only, or all), each
+    with its ``feature`` blob of the backbone ``$backbone`` (NULL when it has none) and its ``split``,
+    in (bucket, key) order."""
     return f"""
-        WITH current AS ({_current_codes(model_version, at)}),
-        features AS (
-            SELECT bucket, key, etag, feature FROM {LAKE}.features AT (VERSION => {int(at)})
-            WHERE backbone = {backbone_literal}
-            QUALIFY row_number() OVER (PARTITION BY bucket, key, etag ORDER BY encoded_at) = 1)
-        SELECT c.*, f.feature, {split_sql('c.bucket', 'c.key')} AS split
-        FROM current AS c LEFT JOIN features AS f USING (bucket, key, etag)
-        {"WHERE len(c.labels) > 0" if labelled else ""}
-        ORDER BY c.bucket, c.key"""
+        SELECT t.*, {split_sql('t.bucket', 't.key')} AS split
+        FROM ({features_of_current_codes_sql(model_version, at)}) AS t
+        {"WHERE len(t.labels) > 0" if labelled else ""}
+        ORDER BY t.bucket, t.key"""
 
 
 def load_labelled(con: duckdb.DuckDBPyConnection, model_version: str, backbone: str, at: int) -> LabelledImages:
-    table = con.execute(features_sql(model_version, backbone, at, labelled=True)).to_arrow_table()
-    has = pc_is_valid(table.column("feature"))
+    table = con.execute(features_sql(model_version, at, labelled=True), {"backbone": backbone}).to_arrow_table()
+    has = pc.is_valid(table.column("feature")).to_numpy(zero_copy_only=False)
     without = int(len(has) - has.sum())
     table = table.filter(pa.array(has))
     label_lists = table.column("labels").to_pylist()
@@ -95,9 +84,3 @@ def load_labelled(con: duckdb.DuckDBPyConnection, model_version: str, backbone: 
         active_codes=np.frombuffer(b"".join(codes), dtype=np.uint8).reshape(len(codes), nbytes),
         without_features=without)
 
-
-def pc_is_valid(column: pa.ChunkedArray) -> np.ndarray:
-    """(N,) bool: which values are not null."""
-    import pyarrow.compute as pc
-
-    return pc.is_valid(column).to_numpy(zero_copy_only=False)

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 
 import duckdb
-import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from hashing_models.codes import pack_signs
 from hashlake.config import Settings
@@ -33,13 +33,13 @@ log = logging.getLogger(__name__)
 TEST_BLOCK_DELAY_ENV = "HASHLAKE_TEST_REENCODE_BLOCK_DELAY_S"
 
 
-def todo_sql(active: str, candidate: str, backbone: str, at: int) -> str:
-    """The active version's current rows with features and without a code under ``candidate``."""
+def todo_sql(active: str, candidate: str, at: int) -> str:
+    """The active version's current rows without a code under ``candidate``, each with its feature of
+    ``$backbone`` (NULL: none stored)."""
     version = "'" + candidate.replace("'", "''") + "'"
     return f"""
-        SELECT t.* FROM ({features_sql(active, backbone, at, labelled=False)}) AS t
-        WHERE t.feature IS NOT NULL
-          AND NOT EXISTS (SELECT 1 FROM (SELECT * FROM {LAKE}.codes AT (VERSION => {int(at)})) AS o
+        SELECT t.* FROM ({features_sql(active, at, labelled=False)}) AS t
+        WHERE NOT EXISTS (SELECT 1 FROM (SELECT * FROM {LAKE}.codes AT (VERSION => {int(at)})) AS o
                           WHERE o.model = {version} AND o.bucket = t.bucket AND o.key = t.key AND o.etag = t.etag)"""
 
 
@@ -78,7 +78,9 @@ def reencode_head(settings: Settings, con: duckdb.DuckDBPyConnection, *, active:
 
     started = time.monotonic()
     at = current_snapshot(con)
-    todo = con.execute(todo_sql(active, candidate, backbone, at)).to_arrow_table()
+    rows = con.execute(todo_sql(active, candidate, at), {"backbone": backbone}).to_arrow_table()
+    without_features = rows.column("feature").null_count  # left to the flip step's encode workers
+    todo = rows.filter(pc.is_valid(rows.column("feature")))
     total = todo.num_rows
     progress(0, total)
     done = 0
@@ -100,7 +102,5 @@ def reencode_head(settings: Settings, con: duckdb.DuckDBPyConnection, *, active:
         finally:
             writer.close()
     seconds = time.monotonic() - started
-    missing_features = int(con.execute(f"""SELECT count(*) FROM ({features_sql(active, backbone, at, labelled=False)})
-                                           WHERE feature IS NULL""").fetchone()[0])
     return {"rows": done, "seconds": round(seconds, 3), "rows_per_s": round(done / seconds, 1) if seconds else None,
-            "without_features": missing_features, "snapshot": at}
+            "without_features": without_features, "snapshot": at}
