@@ -230,3 +230,13 @@ def test_hashlake_retrain_wait_runs_the_job_on_the_ray_head(indexed, ray_head, t
     assert served(settings) == ({state.candidate}, len(IMAGES))
     listed = subprocess.run([*hashlake, "jobs"], env=env, capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0 and run_id[:20] in listed.stdout and "succeeded" in listed.stdout
+
+
+def test_too_few_labelled_images_fail_the_run_with_what_to_do(settings, ray_address):
+    store = ObjectStore(settings)
+    for bucket in (settings.images_bucket, settings.index_bucket):
+        store.ensure_bucket(bucket)
+    version = init_model(settings, img_size=PX, store=store, center_limit=0).version
+    state = retrain_job.run(settings, "retrain-head-empty")
+    assert state.outcome == "failed" and "step data" in state.reason and "retrain_min_images" in state.reason
+    assert Catalog(store, settings).active() == version and "train" not in state.steps
