@@ -65,5 +65,5 @@ def fit_center(model: HashModel, images: Iterable[Image.Image] | Sequence[Image.
         model.train(was_training)
     if count == 0:
         raise ValueError("fit_center got no image: the reference image set is empty")
-    head.center.copy_((total / count).to(head.center.dtype))
+    head.fit_center(total / count)
     return count

@@ -36,6 +36,7 @@ from .codes import pack_signs
 from .datasets import decode_jpeg, read_index, read_jpegs
 from .evaluate import evaluate_retrieval
 from .features import POOLED, extract_features, feature_stores, file_sha256, stages_kind
+from .heads import CenteredInput
 from .losses import create_loss
 from .methods import METHODS
 from .model import Features, HashModel
@@ -175,6 +176,10 @@ class CachedFeatures:
     def forward(self, model: HashModel, inputs: Features):
         return model.forward_head(inputs)
 
+    def mean_feature(self, indices: np.ndarray) -> torch.Tensor:
+        """Mean pooled feature (D,) of images ``indices`` (pooled-feature models only)."""
+        return self.parts[0][torch.as_tensor([self.position[int(i)] for i in indices])].double().mean(0)
+
 
 class DecodedImages:
     """Finetune mode's inputs: decoded images (kept small, as stored), resized and normalised per batch."""
@@ -212,6 +217,10 @@ class FeatureRows:
 
     def forward(self, model: HashModel, inputs: torch.Tensor):
         return model.forward_head(inputs)
+
+    def mean_feature(self, indices: np.ndarray) -> torch.Tensor:
+        """Mean feature (D,) of rows ``indices``."""
+        return self.rows[torch.as_tensor(indices)].double().mean(0)
 
 
 # ------------------------------------------------------------------------------------------------ loop
@@ -283,6 +292,10 @@ def fit(cfg: TrainConfig, model: HashModel, source, labels: np.ndarray, split: S
     a pairwise loss counts two images similar when they share a label). on_epoch(epoch, evaluation or
     None) is called after every epoch (progress reporting)."""
     targets = torch.as_tensor(np.asarray(labels), dtype=torch.float32)  # (N, C)
+    if isinstance(model.head, CenteredInput) and hasattr(source, "mean_feature"):
+        # a head on stored features starts centred on the fit images' mean (heads.CenteredInput says why);
+        # fine-tuning keeps the centre it starts with (its stage-1 head's, or zeros)
+        model.head.fit_center(source.mean_feature(split.train))
     eval_labels = targets.numpy().astype(np.int8)
     model.to(device)
     loss_fn = create_loss(cfg.method, bits=cfg.bits, num_classes=cfg.num_classes, **cfg.loss_options).to(device)

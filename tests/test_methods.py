@@ -97,12 +97,31 @@ def _itq_map(synthetic) -> float:
                                   itq.encode(features[split.database]), labels[split.database], tie_expected=True)
 
 
-@pytest.mark.parametrize(("method", "head"), [("csq", "mlp"), ("dsh", "linear")])
+@pytest.mark.parametrize(("method", "head"), [("csq", "mlp"), ("dsh", "linear"), ("dpsh", "mlp"), ("dhn", "mlp")])
 def test_short_frozen_run_beats_itq_on_the_same_features(synthetic, method, head):
     result = train(_config(method, head=head), synthetic[0], split=synthetic[2], cache_dir=synthetic[1])
     deep, itq = _test_map(result, synthetic), _itq_map(synthetic)
     assert deep > itq + 0.15, (method, head, deep, itq)
     assert result.best_epoch in (10, 20, 30)
+
+
+def test_a_head_trained_on_stored_features_is_centred_on_the_fit_images(synthetic):
+    parquet, cache, split, labels = synthetic
+    result = train(_config("dpsh", head="mlp", epochs=1, eval_every=1), parquet, split=split, cache_dir=cache)
+    expected = _features(labels, result.model.backbone.num_features)[split.train].astype(np.float64).mean(0)
+    np.testing.assert_allclose(result.model.head.center.numpy(), expected, rtol=1e-5, atol=1e-5)
+    features = torch.rand(4, result.model.backbone.num_features)
+    model = result.model.eval()
+    torch.testing.assert_close(model.forward_head(features).h, model.head.hash(features - model.head.center))
+
+
+def test_a_head_saved_before_centring_loads_with_a_zero_centre():
+    model = create_model("csq_vitsmall32_16", head="mlp")
+    old_state = {k: v for k, v in model.state_dict().items() if k != "head.center"}  # as saved before
+    fresh = create_model("csq_vitsmall32_16", head="mlp")
+    fresh.head.center.fill_(1.0)
+    fresh.load_state_dict(old_state, strict=True)
+    assert torch.count_nonzero(fresh.head.center) == 0
 
 
 def test_mlp_checkpoint_round_trip_keeps_its_head(synthetic, tmp_path):
