@@ -42,24 +42,39 @@ class PromoteResult:
     seconds: float
 
 
+def _active_as_expected(catalog: Catalog, version: str, expected: str | None) -> str | None:
+    """The active version (None: none yet); PromoteError when ``expected`` is given and it differs."""
+    try:
+        active = catalog.active()
+    except ModelNotFound:
+        active = None
+    if expected is not None and active != expected:
+        raise PromoteError(f"the active version is {active!r}, not {expected!r} which {version!r} was meant to "
+                           f"replace (promoted meanwhile?): {version!r} is not switched to")
+    return active
+
+
 def promote(settings: Settings, version: str, *, timeout_s: float = 3600.0, poll_s: float = 5.0,
-            progress: Callable[[ReconcileSummary], None] | None = None) -> PromoteResult:
+            progress: Callable[[ReconcileSummary], None] | None = None,
+            expected_active: str | None = None) -> PromoteResult:
     """Re-encode the images bucket under ``version``, then make it the active version.
 
+    expected_active: the version ``version`` is meant to replace (a retraining run's, which evaluated
+    the candidate against it); when the pointer names another one, before the re-encode or just before
+    the switch, nothing is switched: a promotion made meanwhile by someone else is not overridden.
+
     Raises ``ModelNotFound`` for an unknown version, and ``PromoteError`` when settings pin another
-    version (pinned workers ignore the pointer), when no intake is running to send the work, or when
-    the bucket is not covered within ``timeout_s``; the pointer is not moved then, and what was queued
-    stays queued, so running it again continues where it stopped."""
+    version (pinned workers ignore the pointer), when the active version is not ``expected_active``,
+    when no intake is running to send the work, or when the bucket is not covered within ``timeout_s``;
+    the pointer is not moved then, and what was queued stays queued, so running it again continues
+    where it stopped."""
     started = time.monotonic()
     catalog = Catalog(ObjectStore(settings), settings)
     catalog.card(version)  # ModelNotFound names an unknown version before anything is queued
     if settings.model_version and settings.model_version != version:
         raise PromoteError(f"settings pin model version {settings.model_version!r} (HASHLAKE_MODEL_VERSION): "
                            f"workers and queries ignore the active pointer; unpin it to promote {version!r}")
-    try:
-        previous = catalog.active()
-    except ModelNotFound:
-        previous = None
+    previous = _active_as_expected(catalog, version, expected_active)
     with open_reconciler(settings) as reconciler:
         runs = 0
         while True:
@@ -78,6 +93,7 @@ def promote(settings: Settings, version: str, *, timeout_s: float = 3600.0, poll
                                    f"{version!r} after {timeout_s:.0f} s; they stay queued: promote again to go on "
                                    f"waiting (the active version is still {previous!r})")
             time.sleep(poll_s)
+        _active_as_expected(catalog, version, expected_active)
         catalog.activate(version)
         reconciler.forget_staged(version)
         reconciler.run_once()  # uploads that arrived between the last staged run and the switch

@@ -119,4 +119,7 @@ def test_promote_refuses_an_unknown_version_and_waits_for_no_intake(settings, st
     # Pinned workers would never follow the pointer: refused before anything is queued.
     with pytest.raises(PromoteError, match="settings pin model version"):
         promote(settings.model_copy(update={"model_version": active.version}), staged.version)
+    # A retraining run's candidate replaces the version it was evaluated against, or nothing.
+    with pytest.raises(PromoteError, match=f"the active version is '{active.version}', not 'older'"):
+        promote(settings, staged.version, expected_active="older")
     assert Catalog(store, settings).active() == active.version

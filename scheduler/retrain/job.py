@@ -218,7 +218,9 @@ def _flip(job: _Run) -> dict:
     def progress(summary) -> None:
         job.progress("flip", summary.indexed, summary.listed)
 
-    result = promote(job.settings, job.state.candidate, progress=progress, poll_s=2.0)
+    # the candidate was evaluated against job.active: if someone promoted another version meanwhile,
+    # the run fails here rather than override it
+    result = promote(job.settings, job.state.candidate, progress=progress, poll_s=2.0, expected_active=job.active)
     return {"previous": result.previous, "listed": result.listed, "indexed": result.indexed, "failed": result.failed,
             "reconciler_runs": result.runs}
 
