@@ -4,6 +4,9 @@ and compaction, beside a single-file read of the same codes, in one run.
 Starts its own PostgreSQL (the catalog, durable settings) and moto_server (the data files, in the index
 bucket as the product keeps them), then:
 
+  0. with ``--prefill P``: P images first, in blocks of ``Settings.reencode_block_rows`` rows per
+     transaction (as a retraining's re-encode commits), so that the steps below run at P + N images
+     without committing all of them 32 at a time (at ~100 commits/s that alone takes hours at 1M).
   1. commit: N images as the encode workers commit them: batches of 32 rows, each preceded by the
      workers' "what does this version already hold" query (``LakeWriter.known``), from two writer
      processes at once through ``hashlake.lake.writer``; compaction runs every ``--compact-every`` s
@@ -18,6 +21,7 @@ bucket as the product keeps them), then:
 
     .venv/bin/python benchmarks/lake.py --images 1000000
     .venv/bin/python benchmarks/lake.py --images 20000 --compact-every 5     # a quick look
+    .venv/bin/python benchmarks/lake.py --prefill 980000 --images 20000      # 1M, 20,000 of them as the pipeline
 
 The RESULT lines come last.
 """
@@ -85,10 +89,23 @@ def commit_range(settings: Settings, start: int, stop: int, codes_n: int) -> Non
     lake.close()
 
 
+def prefill(settings: Settings, n: int, codes_n: int) -> float:
+    """Rows 0..n in blocks of ``reencode_block_rows`` per transaction, one writer; return the wall seconds."""
+    codes = all_codes(codes_n)
+    lake = LakeWriter(settings)
+    t0 = time.perf_counter()
+    for first in range(0, n, settings.reencode_block_rows):
+        rows = min(settings.reencode_block_rows, n - first)
+        lake.commit(batch_table(first, rows, codes[first:first + rows]), None)
+    lake.close()
+    return time.perf_counter() - t0
+
+
 def commit_with_writers(settings: Settings, start: int, stop: int, codes_n: int, writers: int = 2) -> float:
     """Commit rows start..stop from ``writers`` processes at once; return the wall seconds."""
     context = multiprocessing.get_context("spawn")
     bounds = np.linspace(start, stop, writers + 1).astype(int) // BATCH * BATCH
+    bounds[0] = start
     bounds[-1] = stop
     procs = [context.Process(target=commit_range, args=(settings, int(a), int(b), codes_n))
              for a, b in zip(bounds[:-1], bounds[1:])]
@@ -122,12 +139,18 @@ def median_ms(fn, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=1_000_000)
+    parser.add_argument("--images", type=int, default=1_000_000, help="images committed 32 at a time")
+    parser.add_argument("--prefill", type=int, default=0, help="images committed before, in large blocks")
     parser.add_argument("--compact-every", type=float, default=60.0, help="s between compactions while committing")
     args = parser.parse_args()
-    n, extra = args.images, max(BATCH, args.images // 100)
+    first = args.prefill
+    n = first + args.images  # rows in the lake after step 1
+    extra = max(BATCH, n // 100)
 
     with private_lake("hashlake-lake-bench-") as (settings, store):
+        if first:
+            print(f"prefill: {first} images in {prefill(settings, first, n + extra):.1f} s "
+                  f"({settings.reencode_block_rows} per transaction)")
         # 1) commits, with compaction alongside as the stack runs it
         stop = threading.Event()
         compactions: list[float] = []
@@ -137,10 +160,10 @@ def main() -> None:
                 compactions.append(compact(settings).seconds)
         thread = threading.Thread(target=compactor, daemon=True)
         thread.start()
-        commit_s = commit_with_writers(settings, 0, n, n + extra)
+        commit_s = commit_with_writers(settings, first, n, n + extra)
         stop.set()
         thread.join()
-        print(f"commit: {n} images in {commit_s:.1f} s from 2 writer processes; "
+        print(f"commit: {n - first} images on top of {first} in {commit_s:.1f} s from 2 writer processes; "
               f"{len(compactions)} compactions meanwhile ({', '.join(f'{c:.1f}' for c in compactions)} s)")
 
         # 2) compaction
@@ -192,7 +215,8 @@ def main() -> None:
         assert con.sql(f"SELECT distance FROM search_rows('{query}', 1)").fetchone()[0] == 0
         files = con.sql("SELECT count(*) FROM ducklake_list_files('lake', 'codes')").fetchone()[0]
 
-    print(f"RESULT lake_commit_images_per_s {n / commit_s:.1f}")
+    print(f"RESULT lake_images {n}")
+    print(f"RESULT lake_commit_images_per_s {(n - first) / commit_s:.1f}")
     print(f"RESULT lake_load_s {load_s:.3f}")
     print(f"RESULT parquet_single_file_read_s {read_s:.3f}")
     print(f"RESULT lake_load_vs_parquet_ratio {load_s / read_s:.2f}")

@@ -117,13 +117,13 @@ def _apply_rule(old: Snapshot, identity: pa.Table | None, new_deletes: pa.Table,
     """Run the current-rows rule on the rows a refresh can change. Returns the old segments, their
     updated hidden lists, and the positions of the new rows that are visible."""
     segments, hidden = list(old.segments), list(old.hidden)
-    touched = [new_deletes.column("key")]
-    if identity is not None:
-        touched.append(identity.column("key"))
-    keys = pc.unique(pa.chunked_array(touched, pa.string()).combine_chunks())
-    if not len(keys):
+    if identity is None and not new_deletes.num_rows:
         return segments, hidden, np.zeros(0, np.int64)
     parts = []
+    # the keys a refresh touches, to find the old rows they may hide (a first load has no old rows:
+    # the set of its 1M keys would take a fifth of the load)
+    keys = pc.unique(pa.chunked_array([new_deletes.column("key")] + ([identity.column("key")] if identity is not None else []),
+                                      pa.string()).combine_chunks()) if segments else None
     for s, (segment, seg_hidden) in enumerate(zip(segments, hidden)):
         mask = pc.is_in(segment.columns.column("key"), value_set=keys).to_numpy(zero_copy_only=False)
         mask[seg_hidden] = False
