@@ -51,14 +51,14 @@ from hashlake.lake.writer import LakeWriter  # noqa: E402
 from private_lake import private_lake  # noqa: E402  (benchmarks/, this script's folder)
 from workers.messages import ObjectRef  # noqa: E402
 
-BATCH = 32  # Settings.batch_size: what one encode task commits
+BATCH = 32  # Settings.batch_size's default: what one encode task commits (--batch to change)
 VERSION = "bench-64"
 BITS = 64
 NOW = datetime(2026, 11, 1, tzinfo=timezone.utc)
 LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def batch_table(start: int, n: int, codes: np.ndarray) -> pa.Table:
+def batch_table(start: int, n: int, codes: np.ndarray, batch: int = BATCH) -> pa.Table:
     """Rows start..start+n as an encode batch writes them (keys and etags as a bucket of JPEGs has)."""
     keys = [f"cifar/{LABELS[i % 10]}/{i:08d}.jpg" for i in range(start, start + n)]
     return pa.table({
@@ -68,20 +68,20 @@ def batch_table(start: int, n: int, codes: np.ndarray) -> pa.Table:
         "mtime_ns": np.arange(start, start + n, dtype=np.int64) + 1_790_000_000_000_000_000,
         "code": pa.array([c.tobytes() for c in codes], pa.binary()), "model": [VERSION] * n,
         "encoded_at": pa.array([NOW] * n, pa.timestamp("us", tz="UTC")), "labels": [[LABELS[i % 10]] for i in range(start, start + n)],
-        "batch_id": [f"{i // BATCH:024x}" for i in range(start, start + n)]}, schema=CODES_SCHEMA)
+        "batch_id": [f"{i // batch:024x}" for i in range(start, start + n)]}, schema=CODES_SCHEMA)
 
 
 def all_codes(n: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (n, BITS // 8), dtype=np.uint8)
 
 
-def commit_range(settings: Settings, start: int, stop: int, codes_n: int) -> None:
-    """One writer process: batches of BATCH rows from start to stop, each after a ``known`` query."""
+def commit_range(settings: Settings, start: int, stop: int, codes_n: int, batch: int) -> None:
+    """One writer process: batches of ``batch`` rows from start to stop, each after a ``known`` query."""
     codes = all_codes(codes_n)
     lake = LakeWriter(settings)
-    for first in range(start, stop, BATCH):
-        n = min(BATCH, stop - first)
-        table = batch_table(first, n, codes[first:first + n])
+    for first in range(start, stop, batch):
+        n = min(batch, stop - first)
+        table = batch_table(first, n, codes[first:first + n], batch)
         refs = [ObjectRef("images", k, e, mtime_ns=m) for k, e, m in
                 zip(table["key"].to_pylist(), table["etag"].to_pylist(), table["mtime_ns"].to_pylist())]
         lake.known(VERSION, refs)
@@ -101,13 +101,14 @@ def prefill(settings: Settings, n: int, codes_n: int) -> float:
     return time.perf_counter() - t0
 
 
-def commit_with_writers(settings: Settings, start: int, stop: int, codes_n: int, writers: int = 2) -> float:
+def commit_with_writers(settings: Settings, start: int, stop: int, codes_n: int, batch: int = BATCH,
+                        writers: int = 2) -> float:
     """Commit rows start..stop from ``writers`` processes at once; return the wall seconds."""
     context = multiprocessing.get_context("spawn")
-    bounds = np.linspace(start, stop, writers + 1).astype(int) // BATCH * BATCH
+    bounds = np.linspace(start, stop, writers + 1).astype(int) // batch * batch
     bounds[0] = start
     bounds[-1] = stop
-    procs = [context.Process(target=commit_range, args=(settings, int(a), int(b), codes_n))
+    procs = [context.Process(target=commit_range, args=(settings, int(a), int(b), codes_n, batch))
              for a, b in zip(bounds[:-1], bounds[1:])]
     t0 = time.perf_counter()
     for p in procs:
@@ -140,12 +141,14 @@ def median_ms(fn, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1_000_000, help="images committed 32 at a time")
+    parser.add_argument("--batch", type=int, default=BATCH, help="images per commit (an encode batch; "
+                        "GPU workers run larger ones, Settings.batch_size)")
     parser.add_argument("--prefill", type=int, default=0, help="images committed before, in large blocks")
     parser.add_argument("--compact-every", type=float, default=60.0, help="s between compactions while committing")
     args = parser.parse_args()
     first = args.prefill
     n = first + args.images  # rows in the lake after step 1
-    extra = max(BATCH, n // 100)
+    extra = max(args.batch, n // 100)
 
     with private_lake("hashlake-lake-bench-") as (settings, store):
         if first:
@@ -160,10 +163,11 @@ def main() -> None:
                 compactions.append(compact(settings).seconds)
         thread = threading.Thread(target=compactor, daemon=True)
         thread.start()
-        commit_s = commit_with_writers(settings, first, n, n + extra)
+        commit_s = commit_with_writers(settings, first, n, n + extra, args.batch)
         stop.set()
         thread.join()
-        print(f"commit: {n - first} images on top of {first} in {commit_s:.1f} s from 2 writer processes; "
+        print(f"commit: {n - first} images on top of {first} in {commit_s:.1f} s from 2 writer processes, "
+              f"{args.batch} per commit; "
               f"{len(compactions)} compactions meanwhile ({', '.join(f'{c:.1f}' for c in compactions)} s)")
 
         # 2) compaction
@@ -202,7 +206,7 @@ def main() -> None:
         from hashlake import sql
 
         con = sql.connect(settings, model_version=VERSION)
-        commit_with_writers(settings, n, n + extra, n + extra)
+        commit_with_writers(settings, n, n + extra, n + extra, args.batch)
         t0 = time.perf_counter()
         snapshot = sql.refresh(con)
         refresh_s = time.perf_counter() - t0
