@@ -170,8 +170,12 @@ def test_every_panel_and_alert_reads_live_data_during_an_ingest(live):
     assert post_webhook(settings, webhook_body(records)) == 200
     assert post_webhook(settings, b"{not json") == 200  # dead-lettered, answered 2xx: a malformed-events series
 
+    # the query process searched with every function, refreshed with new codes, and holds them all
+    searched = [f'rate(hashlake_query_search_seconds_count{{function="{f}"}}[1m]) > 0'
+                for f in ("search", "within", "search_rows", "within_rows", "search_list", "within_list")]
     results = wait_for_data(prometheus, [*panel_queries(), 'sum(hashlake_worker_images_encoded_total) >= 64',
-                                         'min(hashlake_query_index_rows) >= 64'])  # the query process refreshed
+                                         *searched, 'rate(hashlake_query_refresh_seconds_count[5m]) > 0',
+                                         'min(hashlake_query_index_rows) >= 64'])
     assert results, "no panel query at all"
     assert not query_errors, query_errors
 
