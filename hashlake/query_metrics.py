@@ -111,12 +111,14 @@ class QueryCollector:
 REGISTRY.register(QueryCollector())
 
 _SERVERS: dict[int, object] = {}  # port asked for → the HTTP server on it
+_REFUSED: set[int] = set()  # configured ports found taken: warned about once
 _SERVE_LOCK = threading.Lock()
 
 
 def serve(port: int, addr: str = "0.0.0.0") -> int:
     """Serve /metrics (prometheus_client's default registry: these metrics and any others of the process)
-    on ``port``; 0 picks a free port. Returns the port served. Once per port: a second call is a no-op."""
+    on ``port``; 0 picks a free port. Returns the port served. Once per port: a later call with the same
+    port (0 included) returns the port already served."""
     with _SERVE_LOCK:
         server = _SERVERS.get(port)
         if server is None:
@@ -129,9 +131,11 @@ def serve(port: int, addr: str = "0.0.0.0") -> int:
 def serve_configured(settings: Settings) -> None:
     """``serve(settings.query_metrics_port)`` when it is set (``hashlake.sql.connect()`` calls this). A
     port already taken is logged, not raised: queries do not depend on their metrics."""
-    if settings.query_metrics_port is None:
+    port = settings.query_metrics_port
+    if port is None or port in _REFUSED:
         return
     try:
-        serve(settings.query_metrics_port)
+        serve(port)
     except OSError as exc:
-        log.warning("query metrics not served: port %d: %s", settings.query_metrics_port, exc)
+        _REFUSED.add(port)
+        log.warning("query metrics not served: port %d: %s", port, exc)
