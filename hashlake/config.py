@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     query_pg_password: SecretStr = SecretStr("hashlake-query-local")
     query_s3_access_key: SecretStr | None = Field(None, description="a read-only S3 key; None: the service's")
     query_s3_secret_key: SecretStr | None = None
+    query_metrics_port: int | None = Field(None, ge=1, le=65535, description="a process that opens a query "
+                                           "connection serves its query metrics (hashlake.query_metrics) on "
+                                           "this port, on every interface; None: not served. Deployments use "
+                                           "9110, the port the hashlake-query scrape job reads")
 
     # --- broker and events ---------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"

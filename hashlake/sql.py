@@ -31,6 +31,9 @@ SET; ``hashlake.lake.connection``).
 ``search``, ``within`` and the list forms run in the ``hashlake_hamming`` extension (compiled C,
 ``hashlake/native``), which reads the in-memory index's buffers in place: the connection's snapshot
 is published to it and pinned to the connection's database.
+
+The process's search latency, index size and refresh times are Prometheus metrics
+(``hashlake.query_metrics``); with ``query_metrics_port`` set, ``connect()`` serves them on that port.
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ from hashlake.index.snapshot import Snapshot
 from hashlake.lake.connection import attach_for_queries
 from hashlake.lake.rules import current_failures_sql
 from hashlake.lake.schema import LAKE
+from hashlake import query_metrics
 from hashlake.native import loader as native
 from hashlake.store import ObjectStore
 
@@ -99,6 +103,7 @@ def connect(settings: Settings | None = None, *, model_version: str | None = Non
     _register_functions(con, state)
     attach_for_queries(con, settings)  # last: it locks the connection's configuration
     _pin(con, state, snapshot)
+    query_metrics.serve_configured(settings)
     return con
 
 

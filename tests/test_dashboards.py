@@ -85,6 +85,10 @@ def test_the_metric_name_check_refuses_invented_names(redis_service):
     assert {"hashlake_worker_stage_seconds_bucket", "hashlake_worker_stage_seconds_sum"} <= exported.keys()
     assert "hashlake_worker_stage_seconds_total" not in exported and "hashlake_worker_stage_seconds" not in exported
     assert exported["hashlake_broker_queue_depth"] == "gauge" and "hashlake_broker_queue_depth_total" not in exported
+    # a collector's families (the query process's, read from the extension at scrape time) likewise
+    assert {"hashlake_query_search_seconds_bucket", "hashlake_query_search_seconds_count"} <= exported.keys()
+    assert "hashlake_query_search_seconds" not in exported and "hashlake_query_search_seconds_total" not in exported
+    assert exported["hashlake_query_index_rows"] == "gauge" and "hashlake_query_index_rows_total" not in exported
 
 
 def test_dashboards_and_alerts_read_only_exported_metrics(redis_service):

@@ -3,7 +3,9 @@ every panel's query returns data, every series an alert reads exists, and Promet
 rule without error.
 
 Prometheus runs with the deployment's scrape jobs (dashboards/prometheus/prometheus.yml: the job names
-the alerts use), pointed at the stack's exporters instead of compose's DNS names.
+the alerts use), pointed at the stack's exporters instead of compose's DNS names. The query panels'
+target is this test's own process: a query connection on the stack that searches with every SQL
+function and refreshes, all along, and serves its metrics (hashlake.query_metrics).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import re
 import shutil
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -20,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hashlake import stack
+from hashlake import query_metrics, sql, stack
 from hashlake.config import Settings
 from hashlake.datasets import SAMPLE, iter_images
 from hashlake.services import find_executable, free_port, port_open, spawn, wait_ready
@@ -41,20 +44,39 @@ NOT_IN_THE_LOCAL_STACK = {
 }
 
 
-def scrape_config(intake: str, workers: list[str]) -> str:
+def scrape_config(intake: str, workers: list[str], query: str) -> str:
     """prometheus.yml of the deployment with static targets in place of DNS discovery."""
     config = yaml.safe_load((PROM / "prometheus.yml").read_text())
     config["global"] = {"scrape_interval": f"{SCRAPE_S}s", "evaluation_interval": f"{SCRAPE_S}s"}
     config["rule_files"] = [str(PROM / "alerts.yml")]
-    targets = {"hashlake-intake": [intake], "hashlake-worker": workers}
+    targets = {"hashlake-intake": [intake], "hashlake-worker": workers, "hashlake-query": [query]}
     config["scrape_configs"] = [{"job_name": job, "static_configs": [{"targets": hosts}]}
                                 for job, hosts in targets.items()]
     return yaml.safe_dump(config)
 
 
+QUERIES = ("SELECT * FROM search($q, 5)", "SELECT * FROM within($q, 8)", "SELECT * FROM search_rows($q, 5)",
+           "SELECT * FROM within_rows($q, 8)", "SELECT search_list($q, 5)", "SELECT within_list($q, 8)")
+
+
+def query_load(settings: Settings, stop: threading.Event, errors: list) -> None:
+    """A query process's work until ``stop``: every SQL search function, then a refresh, twice a second."""
+    try:
+        con = sql.connect(settings)
+        while not stop.wait(0.5):
+            row = con.sql("SELECT code FROM codes LIMIT 1").fetchone()
+            q = row[0] if row else b"\0" * 8  # an empty index takes a code of any length
+            for statement in QUERIES:
+                con.execute(statement, {"q": q}).fetchall()
+            sql.refresh(con)
+    except Exception as exc:  # reported by the test
+        errors.append(exc)
+
+
 @pytest.fixture(scope="module")
 def live():
-    """(stack settings, Prometheus URL) of a stack with one worker and a Prometheus of this test's own."""
+    """(stack settings, Prometheus URL, errors of the query load) of a stack with one worker, a query
+    process (this one) searching it, and a Prometheus of this test's own."""
     # Not under pytest's 0700 tmp folder: run as root, the stack's PostgreSQL belongs to the postgres
     # system user, which must enter its data folder.
     root = Path(tempfile.mkdtemp(prefix="hashlake-live-"))
@@ -63,16 +85,22 @@ def live():
     settings = stack.up(base, stack.StackOptions(workers=1, prometheus=False, reconcile_interval_s=3600),
                         log=lambda *_: None)
     prometheus = None
+    stop, errors = threading.Event(), []
+    load = threading.Thread(target=query_load, args=(settings, stop, errors), daemon=True)
     try:
+        load.start()
         workers = [f"127.0.0.1:{r.port}" for r, _ in stack.status(base) if r.name.startswith("worker")]
-        (root / "prometheus.yml").write_text(scrape_config(f"127.0.0.1:{settings.metrics_port}", workers))
+        (root / "prometheus.yml").write_text(scrape_config(f"127.0.0.1:{settings.metrics_port}", workers,
+                                                           f"127.0.0.1:{query_metrics.serve(0)}"))
         port = free_port()
         prometheus = wait_ready(spawn("prometheus", [
             find_executable("prometheus", "`make setup` installs prometheus"), f"--config.file={root / 'prometheus.yml'}",
             f"--storage.tsdb.path={root / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
             root / "prometheus.log", port=port), lambda: port_open(port), 30, "prometheus")
-        yield settings, f"http://127.0.0.1:{port}"
+        yield settings, f"http://127.0.0.1:{port}", errors
     finally:
+        stop.set()
+        load.join(timeout=30)
         if prometheus is not None:
             prometheus.stop()
         stack.down(base, log=lambda *_: None)
@@ -133,7 +161,7 @@ def alert_selectors() -> set[str]:
 
 
 def test_every_panel_and_alert_reads_live_data_during_an_ingest(live):
-    settings, prometheus = live
+    settings, prometheus, query_errors = live
     store = ObjectStore(settings)
     etags = upload_all(store, settings.images_bucket, iter_images(SAMPLE, limit=64))
     bad = {"notes.jpg": store.put(settings.images_bucket, "notes.jpg", b"not an image")}  # a failures series
@@ -142,8 +170,14 @@ def test_every_panel_and_alert_reads_live_data_during_an_ingest(live):
     assert post_webhook(settings, webhook_body(records)) == 200
     assert post_webhook(settings, b"{not json") == 200  # dead-lettered, answered 2xx: a malformed-events series
 
-    results = wait_for_data(prometheus, [*panel_queries(), 'sum(hashlake_worker_images_encoded_total) >= 64'])
+    # the query process searched with every function, refreshed with new codes, and holds them all
+    searched = [f'rate(hashlake_query_search_seconds_count{{function="{f}"}}[1m]) > 0'
+                for f in ("search", "within", "search_rows", "within_rows", "search_list", "within_list")]
+    results = wait_for_data(prometheus, [*panel_queries(), 'sum(hashlake_worker_images_encoded_total) >= 64',
+                                         *searched, 'rate(hashlake_query_refresh_seconds_count[5m]) > 0',
+                                         'min(hashlake_query_index_rows) >= 64'])
     assert results, "no panel query at all"
+    assert not query_errors, query_errors
 
     selectors = sorted(s for s in alert_selectors() if re.match(r"[a-z0-9_]+", s)[0] not in NOT_IN_THE_LOCAL_STACK)
     assert any(s.startswith("up{") for s in selectors) and len(selectors) > 5
@@ -161,6 +195,7 @@ def test_every_panel_and_alert_reads_live_data_during_an_ingest(live):
     assert {name: rule.get("lastError") for name, rule in loaded.items() if rule.get("health") != "ok"} == {}
     # Every exporter is up, and no alert that means "gone" is even pending (the job names match).
     up = api(prometheus, "query", query="up")["result"]
-    assert {(r["metric"]["job"], r["value"][1]) for r in up} == {("hashlake-intake", "1"), ("hashlake-worker", "1")}
+    assert {(r["metric"]["job"], r["value"][1]) for r in up} == {("hashlake-intake", "1"), ("hashlake-worker", "1"),
+                                                                 ("hashlake-query", "1")}
     active = {a["labels"]["alertname"] for a in api(prometheus, "alerts")["alerts"]}  # pending or firing
     assert not {"HashlakeIntakeAbsent", "HashlakeWorkersAbsent", "HashlakeTargetDown"} & active, active

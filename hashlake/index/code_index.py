@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from hashlake import query_metrics
 from hashlake.index.lake_source import LakeSource, SnapshotGone
 from hashlake.index.snapshot import Segment, Snapshot, empty_hidden
 from hashlake.lake.rules import IDENTITY_COLUMNS, current_codes_sql
@@ -44,22 +46,29 @@ class CodeIndex:
         self._lock = threading.Lock()
 
     def refresh(self) -> Snapshot:
-        """Load what the lake committed since the last refresh; return (and publish) the new snapshot."""
+        """Load what the lake committed since the last refresh; return (and publish) the new snapshot.
+        A refresh that reads something is timed for ``hashlake.query_metrics``; one that finds the lake
+        unchanged is not."""
         with self._lock:
+            started = time.monotonic()
             old = self.snapshot
             target = self.source.current_snapshot()
             if old.lake_snapshot == target:
                 return old
+            load = None  # why the whole version is read: first | expired; None: only the changes
             if old.lake_snapshot is None:
+                load = "first"
                 codes, deletes = self.source.codes(self.model_version, target), self.source.deletes(target)
             else:
                 try:
                     codes, deletes = self.source.changes(self.model_version, old.lake_snapshot, target)
                 except SnapshotGone as exc:
                     log.warning("index of %s: %s; loading afresh", self.model_version, exc)
+                    load = "expired"
                     old = Snapshot(model_version=self.model_version, bits=old.bits)
                     codes, deletes = self.source.codes(self.model_version, target), self.source.deletes(target)
             self.snapshot = _compact(self._add(old, codes, deletes, target))
+            query_metrics.observe_refresh(time.monotonic() - started, load)
             return self.snapshot
 
     def _add(self, old: Snapshot, codes: pa.Table, new_deletes: pa.Table, at: int) -> Snapshot:
@@ -193,3 +202,9 @@ def shared_index(source: LakeSource, model_version: str, *, bits: int | None = N
         if key not in _SHARED:
             _SHARED[key] = CodeIndex(source, model_version, bits=bits)
         return _SHARED[key]
+
+
+def shared_indexes() -> list[CodeIndex]:
+    """Every ``CodeIndex`` ``shared_index`` has created in this process (what its metrics report)."""
+    with _SHARED_LOCK:
+        return list(_SHARED.values())

@@ -150,10 +150,12 @@ class Snapshot:
         return None if self.bits is None else self.bits // 8
 
     def memory(self) -> dict[str, int]:
-        """Bytes held, by part: packed codes, hash tables, the other columns, hidden-row lists."""
+        """Bytes held, by part: packed codes, hash tables, the other columns, hidden-row lists, and the
+        delete rows a refresh applies the rule with. Cheap: buffer sizes, nothing is scanned."""
         return {
             "codes": sum(s.codes.nbytes for s in self.segments),
             "mih": sum(s.mih.nbytes for s in self.segments if s.mih is not None),
             "columns": sum(s.columns.nbytes for s in self.segments),
             "hidden": sum(h.nbytes for h in self.hidden),
+            "deletes": self.deletes.nbytes,
         }

@@ -1,4 +1,4 @@
-"""Loading the extension into DuckDB connections, and publishing snapshots to it.
+"""Loading the extension into DuckDB connections, publishing snapshots to it, and reading its counters.
 
 A snapshot's buffers stay in Python (numpy codes, Arrow identity columns, MIH tables); the
 extension gets pointers to them. ``publish(snapshot)`` hands them over once per snapshot (cached);
@@ -7,11 +7,12 @@ garbage-collected (no connection holds it and its index has moved on) it is forg
 are kept until the extension says no running call still reads them.
 
 ctypes and DuckDB load the same file, so the process holds one copy of the library and both see
-its registry of snapshots.
+its registry of snapshots, and the search latency its SQL functions count (``search_latency``).
 """
 from __future__ import annotations
 
 import ctypes
+import itertools
 import threading
 import weakref
 from dataclasses import dataclass
@@ -90,6 +91,12 @@ def _library() -> ctypes.CDLL:
             lib.hashlake_cgroup_cpus.restype = ctypes.c_double
             lib.hashlake_cgroup_cpus.argtypes = [ctypes.c_char_p]
             lib.hashlake_pool_spins.restype = ctypes.c_int64
+            lib.hashlake_latency_bounds.restype = ctypes.c_int32
+            lib.hashlake_latency_bounds.argtypes = [ctypes.c_void_p]
+            lib.hashlake_latency_function.restype = ctypes.c_char_p
+            lib.hashlake_latency_function.argtypes = [ctypes.c_int32]
+            lib.hashlake_latency_read.restype = ctypes.c_int32
+            lib.hashlake_latency_read.argtypes = [ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p]
             _LIB = lib
         return _LIB
 
@@ -119,6 +126,35 @@ def cgroup_cpus(root: str = "") -> float:
     """The tightest cgroup CPU quota (v2 cpu.max, v1 cfs quota/period) over this process's cgroup and
     its ancestors, in cpus; 0 when none is set. ``root`` prefixes every path read (tests)."""
     return float(_library().hashlake_cgroup_cpus(root.encode()))
+
+
+@dataclass(frozen=True)
+class Latency:
+    """One SQL function's search latency histogram, as src/metrics.c counts it since the library loaded."""
+
+    function: str  # search | within | search_rows | within_rows | search_list | within_list
+    bounds: tuple[float, ...]  # upper bounds of the buckets, seconds
+    cumulative: tuple[int, ...]  # queries at or under each bound, then all of them (+Inf)
+    sum_s: float  # their latencies added up, seconds
+
+
+def search_latency() -> list[Latency]:
+    """Every SQL function's latency histogram; empty while the library is not loaded in this process
+    (then nothing has searched, and reading never builds or loads it)."""
+    lib = _LIB
+    if lib is None:
+        return []
+    n = lib.hashlake_latency_bounds(None)
+    bounds = (ctypes.c_double * n)()
+    lib.hashlake_latency_bounds(bounds)
+    out = []
+    for function in itertools.count():
+        name = lib.hashlake_latency_function(function)
+        if name is None:
+            return out
+        counts, total = (ctypes.c_uint64 * (n + 1))(), ctypes.c_double()
+        lib.hashlake_latency_read(function, counts, ctypes.byref(total))
+        out.append(Latency(name.decode(), tuple(bounds), tuple(counts), total.value))
 
 
 # For tests of exactness, to pin the method that would otherwise be chosen by cost: every answer
@@ -245,6 +281,12 @@ def tie_ranks(segment: Segment) -> np.ndarray:
     with _LOCK:
         _TIE_RANKS[segment] = ranks
     return ranks
+
+
+def tie_rank_bytes(snapshot: Snapshot) -> int:
+    """Bytes of the tie ranks held for ``snapshot``'s segments (4 per row of each published segment)."""
+    with _LOCK:
+        return sum(found.nbytes for s in snapshot.segments if (found := _TIE_RANKS.get(s)) is not None)
 
 
 _EMPTY = np.zeros(1, np.uint8)  # a valid address for the data of a column of empty strings

@@ -28,6 +28,8 @@
  * scan, else the flat scan, split over a thread pool (a batch: groups of queries sharing one blocked
  * pass over the codes). Both are exact. The other files of src/ are listed in hashlake.h.
  *
+ * Each call's answer is timed for the query process's latency histogram (metrics.c).
+ *
  * This file is the DuckDB glue: the SQL functions, their arguments and result vectors, the entry point.
  */
 #include "hashlake.h"
@@ -122,13 +124,17 @@ static void hamming_function(duckdb_function_info info, duckdb_data_chunk input,
 	              .params = duckdb_vector_get_data(param_vec), .valid_q = duckdb_vector_get_validity(query_vec),
 	              .valid_p = duckdb_vector_get_validity(param_vec), .rows = (int64_t)rows, .is_knn = is_knn};
 	/* check every row before doing any work, so an error names the first bad row */
+	int64_t queries = 0; /* rows with a query and a parameter: what the latency histogram counts */
 	for (idx_t i = 0; i < rows; i++) {
-		if (row_valid(&b, i) && query_error(snap, duckdb_string_t_length(b.queries[i]), b.params[i], is_knn, error,
-		                                    sizeof(error))) {
+		if (!row_valid(&b, i)) {
+			continue;
+		}
+		if (query_error(snap, duckdb_string_t_length(b.queries[i]), b.params[i], is_knn, error, sizeof(error))) {
 			release(snap);
 			duckdb_scalar_function_set_error(info, error);
 			return;
 		}
+		queries++;
 	}
 	b.answers = calloc(rows, sizeof(hl_hits));
 	if (!b.answers) {
@@ -136,6 +142,7 @@ static void hamming_function(duckdb_function_info info, duckdb_data_chunk input,
 		duckdb_scalar_function_set_error(info, "hashlake: out of memory");
 		return;
 	}
+	double start = now_ns();
 	if (snap->code_bytes) {
 		/* one row: its scan is split over the cores; many rows: the cores answer groups of them */
 		if (rows == 1) {
@@ -156,6 +163,7 @@ static void hamming_function(duckdb_function_info info, duckdb_data_chunk input,
 		duckdb_scalar_function_set_error(info, "hashlake: out of memory");
 		return;
 	}
+	observe_search(is_knn ? HL_FN_SEARCH_LIST : HL_FN_WITHIN_LIST, start, queries);
 	idx_t total = 0;
 	for (idx_t i = 0; i < rows; i++) {
 		total += b.answers[i].size;
@@ -376,10 +384,15 @@ static void table_bind(duckdb_bind_info info, int is_knn, int rows) {
 		if (bind->snap && len > HL_MAX_BYTES) {
 			snprintf(error, sizeof(error), "query code has %lld bits but the index of model version '%s' holds "
 			         "%d-bit codes", (long long)len * 8, bind->snap->model_version, bind->snap->code_bytes * 8);
-		} else if (bind->snap && !query_error(bind->snap, (uint32_t)len, p, is_knn, error, sizeof(error)) &&
-		           bind->snap->code_bytes &&
-		           answer(bind->snap, code, is_knn ? p : 0, is_knn ? 0 : p, hashlake_threads(), &bind->hits) < 0) {
-			snprintf(error, sizeof(error), "hashlake: out of memory");
+		} else if (bind->snap && !query_error(bind->snap, (uint32_t)len, p, is_knn, error, sizeof(error))) {
+			double start = now_ns();
+			if (bind->snap->code_bytes &&
+			    answer(bind->snap, code, is_knn ? p : 0, is_knn ? 0 : p, hashlake_threads(), &bind->hits) < 0) {
+				snprintf(error, sizeof(error), "hashlake: out of memory");
+			} else {
+				observe_search(rows ? (is_knn ? HL_FN_SEARCH_ROWS : HL_FN_WITHIN_ROWS)
+				                    : (is_knn ? HL_FN_SEARCH : HL_FN_WITHIN), start, 1);
+			}
 		}
 	}
 	duckdb_destroy_value(&query);

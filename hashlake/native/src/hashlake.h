@@ -6,6 +6,7 @@
  *   mih.c        multi-index hashing: probing the segments' hash tables, and when that beats the scan
  *   query.c      one query answered: the method, the cut to k, the tie rule
  *   report.c     per-distance histograms for offline retrieval reports (ctypes only)
+ *   metrics.c    search latency per SQL function: bucket counts in atomics, read by ctypes
  *   extension.c  the DuckDB glue: SQL functions, arguments, result vectors, the entry point
  *
  * Symbols shared between files are hidden (-fvisibility=hidden); HL_API marks what Python calls
@@ -179,5 +180,10 @@ int finish(const hl_snapshot *snap, int64_t k, hl_hits *out);
 int32_t start_limit(const hl_snapshot *snap, int64_t k, int32_t radius);
 int answer(const hl_snapshot *snap, const uint8_t *query, int64_t k, int32_t radius, int threads, hl_hits *out);
 int query_error(const hl_snapshot *snap, uint32_t len, int32_t param, int is_knn, char *error, size_t size);
+
+/* metrics.c: the SQL functions whose answers are timed (names in metrics.c, in this order) */
+enum { HL_FN_SEARCH, HL_FN_WITHIN, HL_FN_SEARCH_ROWS, HL_FN_WITHIN_ROWS, HL_FN_SEARCH_LIST, HL_FN_WITHIN_LIST,
+       HL_FUNCTIONS };
+void observe_search(int function, double start_ns, int64_t queries);
 
 #endif
