@@ -101,7 +101,7 @@ def private_lake(workdir: Path):
     """A PostgreSQL catalog and a local data folder under ``workdir``: (settings, the server)."""
     from hashlake.config import Settings
     from hashlake.lake import init_lake
-    from hashlake.services import free_port, start_postgres
+    from hashlake.local.services import free_port, start_postgres
 
     workdir.chmod(0o755)  # run as root, PostgreSQL runs as the postgres user and must enter it
     pg = start_postgres(free_port(), workdir / "pg", superuser="hashlake", password="bench", durable=False)

@@ -43,7 +43,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hashlake import stack  # noqa: E402
+from hashlake.local import stack  # noqa: E402
 from hashlake.catalog import Catalog  # noqa: E402
 from hashlake.config import Settings  # noqa: E402
 from hashlake.datasets import SAMPLE, iter_images  # noqa: E402

@@ -594,7 +594,7 @@ def test_the_ray_image_adds_a_pinned_ray():
 @pytest.fixture
 def postgres_server():
     """A fresh PostgreSQL whose superuser is `postgres`, as the postgres image's is."""
-    from hashlake.services import free_port, start_postgres
+    from hashlake.local.services import free_port, start_postgres
 
     root = Path(tempfile.mkdtemp(prefix="hashlake-test-pg-"))
     root.chmod(0o755)  # run as root, the cluster belongs to the postgres system user

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hashlake import stack
+from hashlake.local import stack
 from hashlake.config import Settings
 from hashlake.datasets import SAMPLE, iter_images
-from hashlake.services import find_executable, free_port, port_open, spawn, wait_ready
+from hashlake.local.services import find_executable, free_port, port_open, spawn, wait_ready
 from hashlake.store import ObjectStore
 from hashlake.upload import upload_all
 from workers.intake.events import minio_record, webhook_body

@@ -16,7 +16,7 @@ from hashing_models.preprocess import prepare_images
 from hashlake.catalog import Catalog, ModelNotFound
 from hashlake.config import Settings
 from hashlake.models import init_model
-from hashlake.services import free_port
+from hashlake.local.services import free_port
 from hashlake.store import ObjectStore, StoreUnavailable
 from workers.encode.model import ModelHandle
 from workers.deliveries import History

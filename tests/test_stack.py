@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from hashlake import stack
+from hashlake.local import stack
 from hashlake.config import Settings
 from hashlake.datasets import SAMPLE, iter_images
 from hashlake.sql import connect, refresh

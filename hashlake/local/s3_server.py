@@ -10,7 +10,7 @@ Under the ingest benchmark's load (every image a PUT and a GET) a py-spy profile
 - ~18% writing werkzeug's access-log line, one per request, through a single locked handler that
   every request thread queues on. Warnings and errors are still logged.
 
-Run as ``python -m hashlake.local_s3 -H 127.0.0.1 -p PORT`` (``moto_server``'s arguments).
+Run as ``python -m hashlake.local.s3_server -H 127.0.0.1 -p PORT`` (``moto_server``'s arguments).
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from hashlake import stack
+from hashlake.local import stack
 from hashlake.config import Settings
 from hashlake.datasets import SAMPLE, iter_images
 from hashlake.sql import connect, refresh
