@@ -28,7 +28,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     from hashing_models.decode import UndecodableImage
     from hashlake.catalog import ModelNotFound
-    from hashlake.services import ServiceError
+    from hashlake.local.services import ServiceError
     from hashlake.store import StoreError
     from scheduler.submit import SubmitError
 
