@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from hashing_models.baselines import make_baseline
-from hashing_models.datasets import read_index
+from hashing_models.parquet_dataset import read_index
 from hashing_models.evaluate import RetrievalMetrics, evaluate_retrieval
 from hashing_models.features import POOLED, ensure_features, extract_features, stages_kind
 from hashing_models.protocols import Split, load_split

@@ -22,7 +22,7 @@ import yaml
 
 from hashlake.local import stack
 from hashlake.config import Settings
-from hashlake.datasets import SAMPLE, iter_images
+from hashlake.image_sources import SAMPLE, iter_images
 from hashlake.local.services import find_executable, free_port, port_open, spawn, wait_ready
 from hashlake.store import ObjectStore
 from hashlake.upload import upload_all

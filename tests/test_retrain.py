@@ -17,8 +17,8 @@ import time
 import pytest
 
 from hashlake.catalog import Catalog
-from hashlake.datasets import SAMPLE, iter_images
-from hashlake.models import init_model
+from hashlake.image_sources import SAMPLE, iter_images
+from hashlake.model_versions import init_model
 from hashlake.sql import connect
 from hashlake.store import ObjectStore
 from hashlake.upload import upload_all
@@ -26,7 +26,7 @@ from scheduler.retrain import job as retrain_job
 from scheduler.retrain.reencode import TEST_BLOCK_DELAY_ENV
 from scheduler.retrain.state import RunLog
 from tests.conftest import cli_env
-from workers.encode.model import ModelHandle
+from workers.encode.active_model import ModelHandle
 from workers.encode.runner import encode_batch
 from workers.messages import Batch, ObjectRef
 

@@ -14,7 +14,7 @@ from hashlake.config import load_settings
 def upload(source: Annotated[Path, typer.Argument(help="a CIFAR-style .parquet or a folder of images")],
            limit: Optional[int] = None) -> None:
     """Upload images to the images bucket with their labels as x-amz-meta-labels."""
-    from hashlake.datasets import iter_images
+    from hashlake.image_sources import iter_images
     from hashlake.store import ObjectStore
     from hashlake.upload import upload_all
 

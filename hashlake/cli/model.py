@@ -23,8 +23,8 @@ def model_init(arch: str = "lsh_effnetlite0_64",
                activate: bool = True) -> None:
     """Publish a pretrained backbone with a fixed projection of its centred features as a model version
     (and activate it)."""
-    from hashlake.datasets import SAMPLE
-    from hashlake.models import init_model
+    from hashlake.image_sources import SAMPLE
+    from hashlake.model_versions import init_model
 
     try:
         card = init_model(load_settings(), arch=arch, img_size=img_size, activate=activate,
@@ -41,7 +41,7 @@ def model_publish(checkpoint: Annotated[Path, typer.Argument(help="a checkpoint 
                   activate: bool = True) -> None:
     """Publish a trained checkpoint as a model version (and activate it: the bucket is re-encoded).
     With --no-activate, `hashlake model promote VERSION` switches without emptying the index."""
-    from hashlake.models import publish_checkpoint
+    from hashlake.model_versions import publish_checkpoint
 
     try:
         card = publish_checkpoint(load_settings(), checkpoint, version=version, activate=activate)

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from hashlake.local import stack
 from hashlake.config import Settings
-from hashlake.datasets import SAMPLE, iter_images
+from hashlake.image_sources import SAMPLE, iter_images
 from hashlake.sql import connect, refresh
 from hashlake.store import ObjectStore
 from hashlake.upload import upload_all

@@ -214,7 +214,7 @@ def load_stack_settings(config_path: Path) -> Settings:
 def _prepare_store(settings: Settings, log) -> None:
     from hashlake.catalog import Catalog, ModelNotFound
     from hashlake.lake import init_lake
-    from hashlake.models import init_model
+    from hashlake.model_versions import init_model
     from hashlake.store import ObjectStore
 
     store = ObjectStore(settings)
