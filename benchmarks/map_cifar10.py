@@ -172,8 +172,9 @@ def smoke_split(split: Split, per_class: int, labels: np.ndarray) -> Split:
 
 def plot_pr(cells: list[dict], path: Path) -> None:
     """Precision vs recall over Hamming radius 0..K, one panel per code length, one line per method."""
-    import matplotlib
+    from hashlake.extras import require
 
+    matplotlib = require("matplotlib", "benchmarks/map_cifar10.py's plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -9,6 +9,7 @@ from rich.table import Column, Table
 
 from hashlake.cli.output import console
 from hashlake.config import load_settings
+from hashlake.extras import require
 
 
 def report(model: Annotated[Optional[list[str]], typer.Option(
@@ -24,6 +25,8 @@ def report(model: Annotated[Optional[list[str]], typer.Option(
     from hashlake.report_markdown import write_report
     from hashlake.store import ObjectStore
 
+    if out is not None:  # before the figures are computed: the plot would fail only at the end
+        require("matplotlib", "`hashlake report --out` (its pr_curve.png)")
     settings = load_settings()
     catalog = Catalog(ObjectStore(settings), settings)
     versions = list(dict.fromkeys(model or [catalog.active()]))

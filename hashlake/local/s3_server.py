@@ -17,11 +17,17 @@ from __future__ import annotations
 import logging
 import sys
 
-from moto import backends
-from moto.server import main as moto_server_main
+from hashlake.extras import MissingExtra, require
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        require("moto.server", "the local stack's S3 server")
+    except MissingExtra as exc:
+        sys.exit(f"error: {exc}")
+    from moto import backends
+    from moto.server import main as moto_server_main
+
     modules = tuple(backends.list_of_moto_modules())
     # Looked up on the module at call time by moto's dispatcher, so replacing it here takes effect.
     backends.list_of_moto_modules = lambda: modules

@@ -132,7 +132,13 @@ def _redis_ping(port: int) -> bool:
 
 def start_moto(port: int, workdir: Path, log: Path | None = None) -> Service:
     """moto_server: a real S3 HTTP endpoint that keeps its data in memory (``hashlake.local.s3_server``
-    runs it without two of its per-request costs)."""
+    runs it without two of its per-request costs). ``ServiceError`` at once when moto is not installed
+    (the ``local`` extra)."""
+    import importlib.util
+
+    if importlib.util.find_spec("moto") is None:
+        raise ServiceError("the local stack's S3 server needs moto, which is not installed: "
+                           "pip install 'hashlake[local]'")
     svc = spawn("s3", [sys.executable, "-m", "hashlake.local.s3_server", "-H", "127.0.0.1", "-p", str(port)],
                 log or workdir / "s3.log", port=port,
                 env={"MOTO_ALLOW_NONEXISTENT_REGION": "true"})
