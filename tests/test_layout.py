@@ -171,3 +171,42 @@ def test_a_missing_extra_is_one_clear_error():
     assert "plotting a report needs matplotlib, which is not installed: pip install 'hashlake[bench]'" in out.stdout, \
         out.stdout + out.stderr
     assert issubclass(MissingExtra, ImportError) and require("json", "x").dumps([]) == "[]"
+
+
+def without_extras(snippet: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``snippet`` in a fresh interpreter in which moto, matplotlib and faiss cannot be imported."""
+    code = BLOCKED_IMPORT.format(blocked=EXTRAS, modules=[]).replace(
+        "sys.exit(1 if failed or leaked else 0)", textwrap.dedent(snippet))
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "80"})
+
+
+def test_report_out_without_matplotlib_is_one_line_naming_the_extra(tmp_path):
+    out = without_extras("""
+        from hashlake.cli import app
+        app(sys.argv[1:], prog_name="hashlake")
+    """, "report", "--out", str(tmp_path / "report"))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "error: `hashlake report --out` (its pr_curve.png) needs matplotlib, which is not installed: "
+        "pip install 'hashlake[bench]'"], out.stderr
+    assert not (tmp_path / "report").exists()
+
+
+def test_the_local_s3_server_without_moto_says_which_extra(tmp_path):
+    out = without_extras("""
+        from hashlake.local.services import ServiceError, free_port, start_moto
+        try:
+            start_moto(free_port(), __import__("pathlib").Path(sys.argv[1]))
+        except ServiceError as exc:
+            print(exc)
+    """, str(tmp_path))
+    assert out.stdout.strip() == ("the local stack's S3 server needs moto, which is not installed: "
+                                  "pip install 'hashlake[local]'"), out.stdout + out.stderr
+    served = without_extras("""
+        from hashlake.local import s3_server
+        s3_server.main(["-p", "1"])
+    """)
+    assert served.returncode == 1 and served.stderr.strip().splitlines() == [
+        "error: the local stack's S3 server needs moto, which is not installed: pip install 'hashlake[local]'"], \
+        served.stderr

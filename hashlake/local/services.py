@@ -136,7 +136,11 @@ def start_moto(port: int, workdir: Path, log: Path | None = None) -> Service:
     (the ``local`` extra)."""
     import importlib.util
 
-    if importlib.util.find_spec("moto") is None:
+    try:
+        missing = importlib.util.find_spec("moto") is None
+    except ImportError:
+        missing = True
+    if missing:
         raise ServiceError("the local stack's S3 server needs moto, which is not installed: "
                            "pip install 'hashlake[local]'")
     svc = spawn("s3", [sys.executable, "-m", "hashlake.local.s3_server", "-H", "127.0.0.1", "-p", str(port)],
