@@ -193,7 +193,7 @@ def test_report_out_without_matplotlib_is_one_line_naming_the_extra(tmp_path):
     assert not (tmp_path / "report").exists()
 
 
-def test_the_local_s3_server_without_moto_says_which_extra(tmp_path):
+def test_the_stacks_s3_server_without_moto_says_which_extra(tmp_path):
     out = without_extras("""
         from hashlake.local.services import ServiceError, free_port, start_moto
         try:
