@@ -58,6 +58,19 @@ def test_the_core_imports_neither_workers_scheduler_nor_the_faces():
     assert not found, "the core reaches up:\n" + "\n".join(found)
 
 
+def test_production_imports_no_face_and_the_models_import_nothing_of_the_service():
+    """workers and scheduler run without the command or the local stack; hashing_models is a library
+    of models alone (the service imports it, never the reverse)."""
+    found = []
+    for top, refused in (("workers", ("hashlake.cli", "hashlake.local")),
+                         ("scheduler", ("hashlake.cli", "hashlake.local")),
+                         ("hashing_models", ("hashlake", "workers", "scheduler"))):
+        for path in sorted((ROOT / top).rglob("*.py")):
+            found += [f"{relative(path)}:{line} imports {name}" for line, name in imported_names(path)
+                      if any(name == r or name.startswith(r + ".") for r in refused)]
+    assert not found, "\n".join(found)
+
+
 def test_the_upward_check_sees_function_level_and_from_imports(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("from hashlake import local\n"
