@@ -12,14 +12,15 @@ setup: system-packages $(VENV)/.installed
 system-packages:
 	@deploy/install-system-packages.sh
 
-# Re-installs when pyproject.toml changes, then compiles the hashlake_hamming DuckDB extension
+# Re-installs when pyproject.toml changes (the project with its extras: local = the stack's S3 server,
+# bench = plots and faiss, test = the suite's tools), then compiles the hashlake_hamming DuckDB extension
 # (hashlake/native; it also rebuilds itself on first use after its C sources in src/ change).
 # torch==2.14.1/torchvision==0.29.1 are pinned: pip takes them from this machine's local wheel
 # store instead of downloading gigabytes.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[local,bench,test]'
 	$(BIN)/python -m hashlake.native.build
 	touch $@
 

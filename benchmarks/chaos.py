@@ -51,10 +51,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hashlake import stack  # noqa: E402
+from hashlake.local import stack  # noqa: E402
 from hashlake.config import Settings  # noqa: E402
-from hashlake.datasets import SAMPLE, iter_images  # noqa: E402
-from hashlake.services import Service, spawn, start_redis, wait_ready, port_open  # noqa: E402
+from hashlake.image_sources import SAMPLE, iter_images  # noqa: E402
+from hashlake.local.services import Service, spawn, start_redis, wait_ready, port_open  # noqa: E402
 from hashlake.store import ObjectStore, StoreError  # noqa: E402
 from workers.intake.events import minio_record, webhook_body  # noqa: E402
 from workers.intake.webhook import WEBHOOK_PATH  # noqa: E402

@@ -101,7 +101,7 @@ def private_lake(workdir: Path):
     """A PostgreSQL catalog and a local data folder under ``workdir``: (settings, the server)."""
     from hashlake.config import Settings
     from hashlake.lake import init_lake
-    from hashlake.services import free_port, start_postgres
+    from hashlake.local.services import free_port, start_postgres
 
     workdir.chmod(0o755)  # run as root, PostgreSQL runs as the postgres user and must enter it
     pg = start_postgres(free_port(), workdir / "pg", superuser="hashlake", password="bench", durable=False)
@@ -142,9 +142,10 @@ def medians_ms(fns: dict, repeats: int, rounds: int = 5) -> dict:
 
 def run_one(bits: int, n: int, repeats: int, batch: int, workdir: Path) -> dict:
     """Build, load, check, and time one configuration; return its measurements."""
-    import faiss
-
     from hashlake import sql
+    from hashlake.extras import require
+
+    faiss = require("faiss", "benchmarks/hamming.py (its reference, faiss IndexBinaryFlat)")
 
     rng = np.random.default_rng(bits * 1_000_003 + n)
     codes = rng.integers(0, 256, (n, bits // 8), dtype=np.uint8)

@@ -43,10 +43,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hashlake import stack  # noqa: E402
+from hashlake.local import stack  # noqa: E402
 from hashlake.catalog import Catalog  # noqa: E402
 from hashlake.config import Settings  # noqa: E402
-from hashlake.datasets import SAMPLE, iter_images  # noqa: E402
+from hashlake.image_sources import SAMPLE, iter_images  # noqa: E402
 from hashlake.index.lake_source import LakeSource  # noqa: E402
 from hashlake.store import ObjectStore  # noqa: E402
 from hashlake.upload import upload_one  # noqa: E402
@@ -172,9 +172,9 @@ def bare_forward(settings: Settings, version: str, images, batch_size: int, thre
     from PIL import Image
 
     from hashing_models.preprocess import prepare_images
-    from hashlake.models import build_model
+    from hashlake.model_versions import load_version
 
-    model = build_model(Catalog(ObjectStore(settings), settings), version)  # as the workers build it
+    model = load_version(Catalog(ObjectStore(settings), settings), version)  # as the workers build it
     torch.set_num_threads(threads)
     pil = [Image.open(io.BytesIO(im.body)).convert("RGB") for im in images]
     batches = [prepare_images(pil[i:i + batch_size], model.input_config) for i in range(0, len(pil), batch_size)]

@@ -31,8 +31,8 @@ from hashing_models.evaluate import mean_average_precision
 from hashing_models.lsh import fit_center
 from hashing_models.preprocess import prepare_images
 from hashing_models.registry import create_model
-from hashlake.datasets import SAMPLE, iter_images
-from hashlake.models import CENTER_IMAGES, DEFAULT_ARCH, DEFAULT_IMG_SIZE
+from hashlake.image_sources import SAMPLE, iter_images
+from hashlake.model_versions import CENTER_IMAGES, DEFAULT_ARCH, DEFAULT_IMG_SIZE
 
 MAX_PIXELS = 40_000_000  # Settings.max_image_pixels' default
 BATCH = 64

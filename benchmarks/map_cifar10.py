@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from hashing_models.baselines import make_baseline
-from hashing_models.datasets import read_index
+from hashing_models.parquet_dataset import read_index
 from hashing_models.evaluate import RetrievalMetrics, evaluate_retrieval
 from hashing_models.features import POOLED, ensure_features, extract_features, stages_kind
 from hashing_models.protocols import Split, load_split
@@ -172,8 +172,9 @@ def smoke_split(split: Split, per_class: int, labels: np.ndarray) -> Split:
 
 def plot_pr(cells: list[dict], path: Path) -> None:
     """Precision vs recall over Hamming radius 0..K, one panel per code length, one line per method."""
-    import matplotlib
+    from hashlake.extras import require
 
+    matplotlib = require("matplotlib", "benchmarks/map_cifar10.py's plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

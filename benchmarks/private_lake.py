@@ -10,7 +10,7 @@ from pathlib import Path
 from hashlake.config import Settings
 from hashlake.lake import init_lake
 from hashlake.lake.catalog_db import ensure_catalog
-from hashlake.services import free_port, start_moto, start_postgres
+from hashlake.local.services import free_port, start_moto, start_postgres
 from hashlake.store import ObjectStore
 
 

@@ -116,7 +116,7 @@ def retrain(settings: Settings) -> tuple[float, float]:
     import torch
 
     from hashing_models.codes import pack_signs
-    from hashing_models.datasets import read_index
+    from hashing_models.parquet_dataset import read_index
     from hashing_models.evaluate import evaluate_retrieval
     from hashing_models.features import POOLED, extract_features
     from hashing_models.protocols import load_split

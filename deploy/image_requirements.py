@@ -3,11 +3,13 @@
     python image_requirements.py pyproject.toml worker   # intake, encode workers, beat, the CLI
     python image_requirements.py pyproject.toml ray      # Ray head and worker nodes (retraining jobs)
 
-``worker`` is the project's dependencies without those only the local stack (LOCAL_ONLY) or offline
-reports (REPORTS) use: a worker image carries no S3 emulator. It keeps Ray: the beat task and
+``worker`` is the project's dependencies, none of its extras: ``local`` (the local stack's S3 server),
+``bench`` (report plots, the benchmarks' faiss) and ``test`` are for a developer's machine
+(``make setup``), and no production module needs them. It keeps Ray: the beat task and
 ``hashlake retrain`` submit jobs through Ray's Jobs client. ``ray`` adds every pinned ``ray`` requirement
-that pyproject.toml declares (among the dependencies or in an optional group) and the report
-plotting the retraining job writes. One list of pins, pyproject.toml's; this only selects from it.
+that pyproject.toml declares (among the dependencies or in an optional group); the retraining job
+writes no report plots (``scheduler.retrain.gate`` scores with ``hashlake.report``, figures only), so
+it needs nothing of ``bench``. One list of pins, pyproject.toml's; this only selects from it.
 """
 from __future__ import annotations
 
@@ -16,9 +18,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-# moto: the local stack's S3 server; matplotlib: plots of offline reports (the Ray jobs write them).
-LOCAL_ONLY = {"moto"}
-REPORTS = {"matplotlib"}
+# The optional groups of pyproject.toml an image never installs.
+DEVELOPER_EXTRAS = ("local", "bench", "test")
 ROLES = ("worker", "ray")
 
 
@@ -35,16 +36,21 @@ def requirements(pyproject: Path, role: str) -> list[str]:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     project = tomllib.loads(pyproject.read_text())["project"]
     base = project["dependencies"]
-    worker = [r for r in base if requirement_name(r) not in LOCAL_ONLY | REPORTS]
+    extras = project.get("optional-dependencies", {})
+    developer_only = {requirement_name(r) for group in DEVELOPER_EXTRAS for r in extras.get(group, [])}
+    leaked = sorted(developer_only & {requirement_name(r) for r in base})
+    if leaked:
+        raise ValueError(f"{pyproject} lists {', '.join(leaked)} both among the dependencies and in a developer "
+                         f"extra ({', '.join(DEVELOPER_EXTRAS)}): the images would install it")
+    worker = list(base)
     if role == "worker":
         return worker
-    declared = [*base, *(r for group in project.get("optional-dependencies", {}).values() for r in group)]
+    declared = [*base, *(r for group in extras.values() for r in group)]
     ray = [r for r in declared if requirement_name(r) == "ray"]
     if not ray:
         raise ValueError(f"{pyproject} declares no `ray` requirement: the Ray nodes of the deployment need it "
                          f"(pin it among the dependencies or in an optional group)")
-    reports = [r for r in base if requirement_name(r) in REPORTS]
-    return [*dict.fromkeys([*worker, *reports, *ray])]
+    return [*dict.fromkeys([*worker, *ray])]
 
 
 def main(argv: list[str]) -> int:

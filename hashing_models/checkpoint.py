@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .backbones.weights import Pretrained
-from .model import HashModel
+from .hash_model import HashModel
 from .registry import ModelName, create_model
 
 FORMAT = "hashlake-checkpoint/1"

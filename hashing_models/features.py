@@ -10,7 +10,7 @@ Kinds: ``pooled`` — the backbone's pooled vectors (N, D) float32; ``stages<g>`
 maps average-pooled to at most g×g cells (``HashModel.cacheable_features``), flattened and concatenated
 (N, Σ C_s·H_s·W_s) float16 (2.7 GB for CIFAR-10 at g=4, 224 px, in float32 it would be 5.5 GB).
 
-Rows are image indices of the dataset file (``datasets.read_index``). Only requested rows are computed;
+Rows are image indices of the dataset file (``parquet_dataset.read_index``). Only requested rows are computed;
 a row is marked done only after its features are flushed to disk, so a killed extraction resumes where
 it stopped. A lock file serialises chunk writes; two processes extracting the same rows at once
 both compute them (same values) rather than wait for each other.
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .backbones import Backbone, create_backbone
-from .datasets import decode_jpeg, read_index, read_jpegs
+from .parquet_dataset import decode_jpeg, read_index, read_jpegs
 from .heads import pool_stage_maps
 from .preprocess import prepare_images
 

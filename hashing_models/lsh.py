@@ -19,7 +19,7 @@ import numpy as np
 if TYPE_CHECKING:  # torch and PIL load only where a model is centred
     from PIL import Image
 
-    from .model import HashModel
+    from .hash_model import HashModel
 
 CENTER_BATCH = 64  # images per forward pass when fitting the centre (64 × 3 × 224² floats ≈ 38 MB)
 

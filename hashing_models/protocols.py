@@ -6,7 +6,7 @@
 | cifar10-1 | the same 1,000                   | the same 5,000 (drawn from the database) | 59,000 (all but query) |
 | cifar10-2 | the 10,000 test images           | the 50,000 train images           | the 50,000 train images  |
 
-Indices are image indices of ``datasets.read_index`` (row numbers of the Parquet file).
+Indices are image indices of ``parquet_dataset.read_index`` (row numbers of the Parquet file).
 
 Seeds. Every random draw is a per-class uniform sample without replacement: for classes 0..C-1
 in order, ``rng.permutation(candidates_of_class)[:n]`` with candidates in ascending index order and
@@ -106,7 +106,7 @@ def make_split(protocol: str, labels: np.ndarray, is_test: np.ndarray, *, seed: 
 def load_split(protocol: str, parquet_path: str | Path, *, seed: int = DEFAULT_SEED,
                val_fraction: float = DEFAULT_VAL_FRACTION) -> Split:
     """``make_split`` on the labels and splits of a dataset file (e.g. cifar10.parquet)."""
-    from hashing_models.datasets import read_index
+    from hashing_models.parquet_dataset import read_index
 
     index = read_index(parquet_path)
     return make_split(protocol, index.labels, index.is_test, seed=seed, val_fraction=val_fraction)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .backbones import Pretrained
-from .model import HashModel
+from .hash_model import HashModel
 
 ModelEntrypoint = Callable[..., HashModel]
 

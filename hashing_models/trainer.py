@@ -33,13 +33,13 @@ import torch.nn.functional as F
 
 from .checkpoint import save_checkpoint
 from .codes import pack_signs
-from .datasets import decode_jpeg, read_index, read_jpegs
+from .parquet_dataset import decode_jpeg, read_index, read_jpegs
 from .evaluate import evaluate_retrieval
 from .features import POOLED, extract_features, feature_stores, file_sha256, stages_kind
 from .heads import CenteredInput
 from .losses import create_loss
 from .methods import METHODS
-from .model import Features, HashModel
+from .hash_model import Features, HashModel
 from .preprocess import prepare_images
 from .protocols import Split, load_split
 from .registry import create_model

@@ -10,7 +10,7 @@ from pathlib import Path
 from .backbones import Pretrained, create_backbone
 from .backbones.weights import load_into, read_state_dict
 from .methods import METHODS
-from .model import HashModel
+from .hash_model import HashModel
 from .registry import ModelEntrypoint, register_model
 
 

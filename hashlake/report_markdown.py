@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from hashlake.extras import require
 from hashlake.report import Report
 
 PLOT_NAME = "pr_curve.png"
@@ -50,8 +51,7 @@ def _metric_rows(reports: Mapping[str, Report]) -> list[list[str]]:
 
 def plot_pr_curves(reports: Mapping[str, Report], path: Path) -> Path:
     """Precision against recall of the Hamming ball as its radius grows, one line per version."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plotting a report (pr_curve.png)")
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 

@@ -259,9 +259,9 @@ class _ImageHasher:
         with self._lock:
             if self._model is None:
                 from hashlake.catalog import Catalog
-                from hashlake.models import build_model
+                from hashlake.model_versions import load_version
 
-                self._model = build_model(Catalog(ObjectStore(self.settings), self.settings), self.model_version)
+                self._model = load_version(Catalog(ObjectStore(self.settings), self.settings), self.model_version)
             return self._model
 
 

@@ -5,7 +5,7 @@ import mimetypes
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
-from hashlake.datasets import LabeledImage
+from hashlake.image_sources import LabeledImage
 from hashlake.store import ObjectStore
 
 

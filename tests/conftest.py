@@ -15,7 +15,7 @@ import pytest
 
 from hashlake.config import Settings
 from hashlake.lake.catalog_db import ensure_catalog
-from hashlake.services import free_port, start_moto, start_postgres, start_ray, start_redis
+from hashlake.local.services import free_port, start_moto, start_postgres, start_ray, start_redis
 from hashlake.store import ObjectStore
 
 PG_SUPERUSER, PG_PASSWORD = "hashlake", "hashlake-test-pw"

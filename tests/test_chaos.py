@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import jpeg_bytes
-from hashlake.models import init_model
-from workers.encode.model import ModelHandle
+from hashlake.model_versions import init_model
+from workers.encode.active_model import ModelHandle
 from workers.encode.runner import encode_batch
 from workers.messages import Batch, ObjectRef
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from conftest import cli_env, jpeg_bytes
-from hashlake.models import init_model
-from hashlake.services import free_port
-from workers.encode.model import ModelHandle
+from hashlake.model_versions import init_model
+from hashlake.local.services import free_port
+from workers.encode.active_model import ModelHandle
 from workers.encode.runner import encode_batch
 from workers.messages import Batch, ObjectRef
 

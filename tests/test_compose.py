@@ -569,20 +569,43 @@ def image_requirements(role: str) -> list[str]:
     return requirements(ROOT / "pyproject.toml", role)
 
 
+def developer_extras() -> set[str]:
+    """The distributions of pyproject.toml's extras that no image installs (local, bench, test)."""
+    sys.path.insert(0, str(DEPLOY))
+    try:
+        from image_requirements import DEVELOPER_EXTRAS, requirement_name
+    finally:
+        sys.path.remove(str(DEPLOY))
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    return {requirement_name(r) for group in DEVELOPER_EXTRAS for r in extras.get(group, [])}
+
+
 def test_the_worker_image_installs_what_a_worker_needs_and_nothing_of_the_local_stack():
     sys.path.insert(0, str(DEPLOY))
     try:
-        from image_requirements import LOCAL_ONLY, REPORTS, requirement_name
+        from image_requirements import requirement_name
     finally:
         sys.path.remove(str(DEPLOY))
     worker = {requirement_name(r) for r in image_requirements("worker")}
-    assert not worker & {"moto", "matplotlib"}
-    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    left_out = {requirement_name(r) for r in dependencies} - worker
-    assert left_out <= LOCAL_ONLY | REPORTS
+    assert not worker & {"moto", "matplotlib", "faiss-cpu", "pytest", "hypothesis"}
+    assert {"moto", "matplotlib", "faiss-cpu", "pytest"} <= developer_extras()
+    assert not worker & developer_extras()
     # ray: beat's task and `hashlake retrain` submit through Ray's Jobs client
     assert {"torch", "celery", "minio", "duckdb", "fastapi", "prometheus-client", "ray"} <= worker
     assert all("==" in r for r in image_requirements("worker")), "an image requirement is not pinned"
+
+
+def test_a_developer_extra_among_the_dependencies_is_refused(tmp_path):
+    sys.path.insert(0, str(DEPLOY))
+    try:
+        from image_requirements import requirements
+    finally:
+        sys.path.remove(str(DEPLOY))
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project]\ndependencies = ["ray==2.60.0", "moto[server]==5.2.5"]\n'
+                         '[project.optional-dependencies]\nlocal = ["moto[server]==5.2.5"]\n')
+    with pytest.raises(ValueError, match="moto"):
+        requirements(pyproject, "worker")
 
 
 def test_the_ray_image_adds_a_pinned_ray():
@@ -594,7 +617,7 @@ def test_the_ray_image_adds_a_pinned_ray():
 @pytest.fixture
 def postgres_server():
     """A fresh PostgreSQL whose superuser is `postgres`, as the postgres image's is."""
-    from hashlake.services import free_port, start_postgres
+    from hashlake.local.services import free_port, start_postgres
 
     root = Path(tempfile.mkdtemp(prefix="hashlake-test-pg-"))
     root.chmod(0o755)  # run as root, the cluster belongs to the postgres system user
@@ -702,12 +725,7 @@ def installed_closure(requirements: list[str]) -> set[str]:
 
 
 def test_the_worker_image_holds_every_package_the_code_imports():
-    sys.path.insert(0, str(DEPLOY))
-    try:
-        from image_requirements import LOCAL_ONLY, REPORTS
-    finally:
-        sys.path.remove(str(DEPLOY))
-    left_out = LOCAL_ONLY | REPORTS | {"ray", "faiss-cpu"}  # faiss: the benchmarks' reference only
+    left_out = developer_extras() | {"ray"}  # moto, matplotlib: imported only where the extra is asked for
     from importlib.metadata import packages_distributions
 
     from hashlake.lake.extensions import PACKAGES as DUCKDB_EXTENSIONS  # imported by name, at run time

@@ -14,7 +14,7 @@ import redis
 import yaml
 
 from hashlake.config import Settings
-from hashlake.prometheus_config import render_local_config
+from hashlake.local.prometheus_config import render_local_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM = ROOT / "dashboards" / "prometheus"

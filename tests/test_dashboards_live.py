@@ -23,10 +23,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hashlake import query_metrics, sql, stack
+from hashlake import query_metrics, sql
+from hashlake.local import stack
 from hashlake.config import Settings
-from hashlake.datasets import SAMPLE, iter_images
-from hashlake.services import find_executable, free_port, port_open, spawn, wait_ready
+from hashlake.image_sources import SAMPLE, iter_images
+from hashlake.local.services import find_executable, free_port, port_open, spawn, wait_ready
 from hashlake.store import ObjectStore
 from hashlake.upload import upload_all
 from workers.intake.events import minio_record, webhook_body

@@ -8,7 +8,7 @@ import uuid
 import pytest
 import redis
 
-from hashlake.services import free_port
+from hashlake.local.services import free_port
 from workers.deliveries import EXPIRE_S, DeliveryLedger, History
 
 

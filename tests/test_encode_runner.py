@@ -15,10 +15,10 @@ from PIL import Image
 from hashing_models.preprocess import prepare_images
 from hashlake.catalog import Catalog, ModelNotFound
 from hashlake.config import Settings
-from hashlake.models import init_model
-from hashlake.services import free_port
+from hashlake.model_versions import init_model
+from hashlake.local.services import free_port
 from hashlake.store import ObjectStore, StoreUnavailable
-from workers.encode.model import ModelHandle
+from workers.encode.active_model import ModelHandle
 from workers.deliveries import History
 from workers.encode.runner import encode_batch, record_crashed, split_batch, tombstone_batch
 from workers.messages import Batch, ObjectRef

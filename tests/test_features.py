@@ -21,8 +21,8 @@ from hashing_models.preprocess import prepare_images
 from hashlake.lake.connection import open_lake
 from hashlake.lake.features import decode_features, encode_features, features_of_current_codes, read_features
 from hashlake.lake.writer import LakeWriter
-from hashlake.models import backbone_id, init_model
-from workers.encode.model import ModelHandle
+from hashlake.model_versions import backbone_id, init_model
+from workers.encode.active_model import ModelHandle
 from workers.encode.runner import encode_batch
 from workers.messages import Batch, ObjectRef
 

@@ -22,7 +22,7 @@ from pydantic import SecretStr
 
 from conftest import WEBHOOK_TOKEN, cli_env
 from hashlake.catalog import ModelNotFound
-from hashlake.services import free_port, start_redis
+from hashlake.local.services import free_port, start_redis
 from hashlake.lake import init_lake
 from hashlake.lake.schema import CODES_SCHEMA, FAILURES_SCHEMA, epoch_ns
 from hashlake.lake.writer import shared_writer

@@ -17,7 +17,7 @@ import redis
 from pydantic import SecretStr
 
 from conftest import WEBHOOK_TOKEN
-from hashlake.services import free_port, port_open, spawn, wait_until
+from hashlake.local.services import free_port, port_open, spawn, wait_until
 from workers.intake import run_intake
 from workers.intake.events import minio_record, webhook_body
 from workers.intake.pending import IntakeKeys

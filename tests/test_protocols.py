@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import CIFAR10
 
-from hashing_models.datasets import decode_jpeg, read_index, read_jpegs
+from hashing_models.parquet_dataset import decode_jpeg, read_index, read_jpegs
 from hashing_models.protocols import PROTOCOLS, load_split, make_split
 
 

@@ -13,16 +13,16 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from hashing_models.checkpoint import CheckpointError
-from hashing_models.datasets import read_index
+from hashing_models.parquet_dataset import read_index
 from hashing_models.preprocess import prepare_images
 from hashing_models.protocols import Split
 from hashing_models.trainer import TrainConfig, train
 from hashlake.catalog import Catalog
 from hashlake.cli import app
-from hashlake.models import init_model, publish_checkpoint
+from hashlake.model_versions import init_model, publish_checkpoint
 from hashlake.sql import connect
 from scheduler.promote import PromoteError, promote
-from workers.encode.model import ModelHandle
+from workers.encode.active_model import ModelHandle
 from workers.encode.runner import encode_batch
 from workers.messages import Batch, ObjectRef
 

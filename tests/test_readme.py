@@ -105,7 +105,7 @@ def user_dataset(path: Path) -> None:
 
 def first_image(folder: Path) -> str:
     """Write the sample's first image as cat.jpg; return the key the upload gives it."""
-    from hashlake.datasets import iter_images
+    from hashlake.image_sources import iter_images
 
     image = next(iter(iter_images(SAMPLE, limit=1)))
     (folder / "cat.jpg").write_bytes(image.body)

@@ -17,8 +17,8 @@ import time
 import pytest
 
 from hashlake.catalog import Catalog
-from hashlake.datasets import SAMPLE, iter_images
-from hashlake.models import init_model
+from hashlake.image_sources import SAMPLE, iter_images
+from hashlake.model_versions import init_model
 from hashlake.sql import connect
 from hashlake.store import ObjectStore
 from hashlake.upload import upload_all
@@ -26,7 +26,7 @@ from scheduler.retrain import job as retrain_job
 from scheduler.retrain.reencode import TEST_BLOCK_DELAY_ENV
 from scheduler.retrain.state import RunLog
 from tests.conftest import cli_env
-from workers.encode.model import ModelHandle
+from workers.encode.active_model import ModelHandle
 from workers.encode.runner import encode_batch
 from workers.messages import Batch, ObjectRef
 
@@ -62,7 +62,7 @@ def indexed(settings, torch_one_thread):
 
 @pytest.fixture(scope="module")
 def pushgateway(tmp_path_factory):
-    from hashlake.services import free_port, start_pushgateway
+    from hashlake.local.services import free_port, start_pushgateway
 
     svc = start_pushgateway(free_port(), tmp_path_factory.mktemp("pushgateway") / "pushgateway.log")
     yield f"127.0.0.1:{svc.port}"
@@ -213,7 +213,7 @@ def test_a_job_killed_during_reencode_leaves_the_old_version_and_a_rerun_complet
 def test_hashlake_retrain_wait_runs_the_job_on_the_ray_head(indexed, ray_head, tmp_path):
     """What a user runs: `hashlake retrain --wait` submits to the Ray head, follows the run, and the new
     version serves; `hashlake jobs` lists it."""
-    from hashlake.stack import write_config
+    from hashlake.local.stack import write_config
 
     settings, untrained = indexed
     config = tmp_path / "settings.toml"

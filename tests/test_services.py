@@ -1,7 +1,7 @@
 """Starting back-end processes: ready within the deadline, or stopped and named in the error."""
 import pytest
 
-from hashlake.services import ServiceError, spawn, wait_ready
+from hashlake.local.services import ServiceError, spawn, wait_ready
 
 
 def test_a_service_that_never_gets_ready_is_stopped(tmp_path):

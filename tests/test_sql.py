@@ -213,7 +213,7 @@ def test_every_column_comes_back_to_python_and_the_cli(settings, store, monkeypa
     assert first["distance"] == 0 and first["last_modified"] == T0 + timedelta(minutes=1)
     assert first["labels"] == ["cat"] and first["code"] == codes[4].tobytes()
 
-    monkeypatch.setattr(cli, "console", Console(width=400))  # one line per row, whatever the terminal
+    monkeypatch.setattr(cli.output, "console", Console(width=400))  # one line per row, whatever the terminal
     result = CliRunner().invoke(cli.app, ["sql", query], env={**cli_env(settings), "HASHLAKE_MODEL_VERSION": "only"})
     assert result.exit_code == 0, result.output
     assert "last_modified" in result.output and "2026-11-01 00:01:00+00:00" in result.output
@@ -282,7 +282,7 @@ def test_cli_search_prints_the_nearest_with_labels(settings, store, tmp_path, mo
     code = model.encode(prepare_images([Image.open(image_path)], model.input_config))[0]
     commit_codes(settings, ["far.png", "blue.png"], np.stack([~code, code]), version="lsh-cli")
     env = cli_env(settings)
-    monkeypatch.setattr(cli, "console", Console(width=200))
+    monkeypatch.setattr(cli.output, "console", Console(width=200))
     result = CliRunner().invoke(cli.app, ["search", str(image_path), "-k", "2"], env=env)
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if ".png" in line]

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from hashlake import stack
+from hashlake.local import stack
 from hashlake.config import Settings
-from hashlake.datasets import SAMPLE, iter_images
+from hashlake.image_sources import SAMPLE, iter_images
 from hashlake.sql import connect, refresh
 from hashlake.store import ObjectStore
 from hashlake.upload import upload_all, upload_one
@@ -163,7 +163,7 @@ def test_delete_event_hides_the_key(running, store):
 def test_promote_reencodes_under_the_new_version_while_the_old_one_serves(running, store):
     """Last in the module: it changes the active version."""
     from hashlake.catalog import Catalog
-    from hashlake.models import init_model
+    from hashlake.model_versions import init_model
     from scheduler.promote import promote
     from workers.intake import reconcile_once
 

@@ -3,7 +3,7 @@ import pytest
 
 from hashlake.config import Settings
 from hashlake.store import ObjectMissing, ObjectStore, StoreUnavailable
-from hashlake.services import free_port
+from hashlake.local.services import free_port
 
 
 def test_put_get_list_roundtrip(store, settings):

@@ -11,7 +11,7 @@ import torch
 
 from hashing_models.baselines import make_baseline
 from hashing_models.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, restore_into
-from hashing_models.datasets import read_index
+from hashing_models.parquet_dataset import read_index
 from hashing_models.evaluate import mean_average_precision
 from hashing_models.features import extract_features
 from hashing_models.protocols import Split

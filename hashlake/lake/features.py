@@ -2,7 +2,7 @@
 
 The encode workers write one row per (bucket, key, etag, backbone) in the transaction of the batch's
 codes (``LakeWriter.commit``; ``Settings.keep_features`` turns it off): ``feature`` is the (D,) pooled
-vector as float16, little-endian. ``backbone`` is ``hashlake.models.backbone_id`` (name, px, weights
+vector as float16, little-endian. ``backbone`` is ``hashlake.model_versions.backbone_id`` (name, px, weights
 digest), so the versions built on one backbone share rows, and a head trained on them re-encodes an
 image from its row exactly as a worker would from the image (``forward_head`` of the float16 features;
 see ``tests/test_features.py`` for how often the rounding flips a bit).

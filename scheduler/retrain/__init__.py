@@ -1,3 +1,10 @@
-"""The retraining job: ``job.py`` runs the steps, ``data.py`` reads the lake's labelled features, ``train.py``
-fits a head with Ray Train, ``gate.py`` compares it with the active version, ``reencode.py`` writes its
-codes with Ray Data, ``state.py`` records the run."""
+"""The retraining job, run as a Ray job: data ▶ train ▶ evaluate ▶ re-encode ▶ flip, each step resumable.
+
+    __main__.py  ``python -m scheduler.retrain --run-id RUN --mode head``: the Ray job's entry point
+    job.py       runs the steps in order, skipping those a resumed run already finished
+    data.py      the lake's labelled images with their stored backbone features and split
+    train.py     train step (head mode): a new hash head on the stored features, with Ray Train
+    gate.py      evaluate step: the candidate against the active version on the evaluation split
+    reencode.py  re-encode step: every current image gets a code under the candidate, with Ray Data
+    state.py     a run's record (steps done, their figures) in ``s3://<index_bucket>/jobs/<run>/``
+"""

@@ -70,9 +70,9 @@ class _Run:
 
     def candidate_model(self):
         if self._candidate_model is None:
-            from hashlake.models import build_model
+            from hashlake.model_versions import load_version
 
-            self._candidate_model = build_model(self.catalog, self.state.candidate)
+            self._candidate_model = load_version(self.catalog, self.state.candidate)
         return self._candidate_model
 
     def progress(self, step: str, done: int, total: int) -> None:
@@ -135,13 +135,13 @@ def run(settings: Settings, run_id: str, mode: str = "head") -> RunState:
 # ------------------------------------------------------------------------------------------- steps
 
 def _data(job: _Run) -> dict:
-    from hashlake.models import backbone_id, build_model
+    from hashlake.model_versions import backbone_id, load_version
 
     try:
         job.state.previous = job.state.previous or job.catalog.active()
     except ModelNotFound:
         raise RetrainError("no model version is active: run `hashlake model init` first") from None
-    active_model = build_model(job.catalog, job.state.previous)
+    active_model = load_version(job.catalog, job.state.previous)
     backbone = backbone_id(active_model)
     at = current_snapshot(job.con)
     data = load_labelled(job.con, job.state.previous, backbone, at)
@@ -158,7 +158,7 @@ def _data(job: _Run) -> dict:
 
 def _train(job: _Run) -> dict:
     from hashing_models.registry import create_model
-    from hashlake.models import build_model
+    from hashlake.model_versions import load_version
     from scheduler.retrain.train import head_config, train_head
 
     active_card = job.catalog.card(job.active)
@@ -172,7 +172,7 @@ def _train(job: _Run) -> dict:
         head, figures = train_head(job.settings, job.state.run_id, cfg, data, data_text)
         model = create_model(cfg.arch, pretrained=False, img_size=cfg.img_size, num_classes=cfg.num_classes,
                              head=cfg.head)
-        model.backbone.load_state_dict(build_model(job.catalog, job.active).backbone.state_dict())
+        model.backbone.load_state_dict(load_version(job.catalog, job.active).backbone.state_dict())
         model.head.load_state_dict(head)
         card = ModelCard(version=version, arch=cfg.arch, method=cfg.method, backbone=active_card.backbone,
                          bits=cfg.bits, input_size=cfg.img_size,

@@ -26,8 +26,8 @@ from hashing_models.decode import UndecodableImage, decode_image
 from hashlake.config import Settings
 from hashlake.lake.writer import LakeWriter, shared_writer
 from hashlake.store import ObjectStore, StoreUnavailable
-from workers.encode import model as model_stage
-from workers.encode.model import LoadedModel, ModelHandle
+from workers.encode import active_model as model_stage
+from workers.encode.active_model import LoadedModel, ModelHandle
 from workers.encode.read import Fetched, io_pool, read_object
 from workers.encode.rejects import CRASHED_WORKER, Failure, ImageRejected
 from workers.encode.write import codes_table, deletes_table, failures_table, features_table, parse_event_time

@@ -53,7 +53,7 @@ def codes_table(fetched: Sequence[Fetched], codes: np.ndarray, card: ModelCard, 
 def features_table(fetched: Sequence[Fetched], features: np.ndarray, backbone: str, batch_id: str,
                    encoded_at: datetime) -> pa.Table:
     """Rows of the features table for ``fetched`` and their backbone's pooled features (N, D), in order:
-    one per image version, under ``backbone`` (``hashlake.models.backbone_id``), each a (D,) float16
+    one per image version, under ``backbone`` (``hashlake.model_versions.backbone_id``), each a (D,) float16
     little-endian blob. Identity columns are the code row's, so a feature row joins its code row on
     (bucket, key, etag)."""
     if features.ndim != 2 or features.shape[0] != len(fetched):

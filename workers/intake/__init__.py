@@ -4,11 +4,18 @@
     MinIO notify_redis list ▶ redis_source.py ─┼─RPUSH─▶ <events_key>:pending ─▶ batcher.py ─▶ Celery queue
     bucket listing vs index ▶ reconciler.py ───┘                      (N keys or T ms; send_task)
 
-Modules: ``events`` parses MinIO records; ``pending`` names the Redis lists and the moves they share;
-``webhook``, ``redis_source`` and ``reconciler`` are the three sources; ``batcher`` groups and sends
-through ``sender`` (the one Celery app, ``workers.celery_app``); ``metrics`` is the Prometheus face;
-``runner`` runs it all in one process. The faces call ``run_intake(settings)`` (``hashlake intake``)
-and ``reconcile_once(settings)`` (``hashlake reconcile``).
+    events.py        parse MinIO records (webhook bodies, ``notify_redis`` elements) into object events
+    pending.py       the Redis lists' names, the pending-entry format, the moves every source shares
+    webhook.py       source: the MinIO webhook receiver (authenticated POSTs, 2xx once queued)
+    redis_source.py  source: consumer of MinIO's ``notify_redis`` list
+    reconciler.py    source: the bucket against the lake under a version; queues the difference
+    batcher.py       drains the pending list into batches of N objects or T ms, sends each
+    sender.py        publishes batches as Celery tasks by name (the one app, ``workers.celery_app``)
+    metrics.py       the intake's Prometheus metrics
+    runner.py        runs it all in one process, with periodic reconciling and lake compaction
+
+The faces call ``run_intake(settings)`` (``hashlake intake``) and ``reconcile_once(settings)``
+(``hashlake reconcile``).
 
 Why no event is lost (at-least-once), hop by hop. Every hop keeps the item in a durable place until
 the next durable place has confirmed it, and every "remove" comes strictly after that confirmation:

@@ -4,7 +4,7 @@
 seeded random projection (LSH on deep features), and its card says so. ``publish_checkpoint`` publishes
 a model trained by ``hashing_models`` (a checkpoint file) with the card the trainer wrote; activating it
 makes the workers encode with it and the reconciler re-encode the bucket under the new version.
-``build_model`` turns a version back into its model, the one way workers, ``hash_image`` and the
+``load_version`` turns a version back into its model, the one way workers, ``hash_image`` and the
 ingest benchmark build it.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hashlake.catalog import Catalog, ModelCard
 from hashlake.config import Settings
-from hashlake.datasets import SAMPLE, iter_images
+from hashlake.image_sources import SAMPLE, iter_images
 from hashlake.store import ObjectStore
 
 DEFAULT_ARCH = "lsh_effnetlite0_64"
@@ -24,7 +24,7 @@ CENTER_IMAGES = 200  # reference images the LSH centre is the mean feature of: ~
 
 
 def _reference_images(source: Path, limit: int, max_pixels: int):
-    """RGB images of a dataset file or folder (``hashlake.datasets.iter_images``, classes balanced), decoded
+    """RGB images of a dataset file or folder (``hashlake.image_sources.iter_images``, classes balanced), decoded
     as a worker decodes uploads."""
     from hashing_models.decode import decode_image
 
@@ -101,7 +101,7 @@ def _publish(settings: Settings, card: ModelCard, state_dict: dict, activate: bo
     return card
 
 
-def build_model(catalog: Catalog, version: str):
+def load_version(catalog: Catalog, version: str):
     """The version's model, built from its card and loaded with its weights, in eval mode on the CPU:
     what workers encode with and ``hash_image`` queries with, so both give an image the same code."""
     from hashing_models import create_model
@@ -126,7 +126,7 @@ def backbone_id(model, px: int | None = None) -> str:
     same backbone weights (the untrained LSH version and a head-only retraining built on it) give the
     same id, so they share feature rows; a fine-tuned backbone gives another. ``px`` defaults to the
     model's input size. Hashing the weights costs ~20 ms for EfficientNet-Lite0 on a CPU: compute it
-    once per loaded model (``workers.encode.model.LoadedModel.backbone_id``), not per batch."""
+    once per loaded model (``workers.encode.active_model.LoadedModel.backbone_id``), not per batch."""
     from hashing_models.features import weights_sha256
 
     px = model.input_config.size if px is None else px

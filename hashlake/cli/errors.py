@@ -28,11 +28,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     from hashing_models.decode import UndecodableImage
     from hashlake.catalog import ModelNotFound
-    from hashlake.services import ServiceError
+    from hashlake.extras import MissingExtra
+    from hashlake.local.services import ServiceError
     from hashlake.store import StoreError
     from scheduler.submit import SubmitError
 
-    return (StoreError, SubmitError, ModelNotFound, UndecodableImage, ServiceError, FileNotFoundError, FileExistsError,
+    return (StoreError, SubmitError, ModelNotFound, MissingExtra, UndecodableImage, ServiceError, FileNotFoundError, FileExistsError,
             NotADirectoryError, PermissionError, ValueError, ValidationError, redis.RedisError, OperationalError,
             duckdb.Error)
 

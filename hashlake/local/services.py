@@ -131,9 +131,19 @@ def _redis_ping(port: int) -> bool:
 
 
 def start_moto(port: int, workdir: Path, log: Path | None = None) -> Service:
-    """moto_server: a real S3 HTTP endpoint that keeps its data in memory (``hashlake.local_s3``
-    runs it without two of its per-request costs)."""
-    svc = spawn("s3", [sys.executable, "-m", "hashlake.local_s3", "-H", "127.0.0.1", "-p", str(port)],
+    """moto_server: a real S3 HTTP endpoint that keeps its data in memory (``hashlake.local.s3_server``
+    runs it without two of its per-request costs). ``ServiceError`` at once when moto is not installed
+    (the ``local`` extra)."""
+    import importlib.util
+
+    try:
+        missing = importlib.util.find_spec("moto") is None
+    except ImportError:
+        missing = True
+    if missing:
+        raise ServiceError("the local stack's S3 server needs moto, which is not installed: "
+                           "pip install 'hashlake[local]'")
+    svc = spawn("s3", [sys.executable, "-m", "hashlake.local.s3_server", "-H", "127.0.0.1", "-p", str(port)],
                 log or workdir / "s3.log", port=port,
                 env={"MOTO_ALLOW_NONEXISTENT_REGION": "true"})
     return wait_ready(svc, lambda: _http_ok(f"http://127.0.0.1:{port}/"), 30, f"moto_server on port {port}")

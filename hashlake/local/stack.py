@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hashlake.config import STACK_CONFIG_FILE, Settings
-from hashlake.services import (ServiceError, Service, find_executable, free_port, port_open, postgres_can_enter,
+from hashlake.local.services import (ServiceError, Service, find_executable, free_port, port_open, postgres_can_enter,
                                spawn, start_moto, start_postgres, start_pushgateway, start_ray, start_redis,
                                wait_ready)
 
@@ -214,7 +214,7 @@ def load_stack_settings(config_path: Path) -> Settings:
 def _prepare_store(settings: Settings, log) -> None:
     from hashlake.catalog import Catalog, ModelNotFound
     from hashlake.lake import init_lake
-    from hashlake.models import init_model
+    from hashlake.model_versions import init_model
     from hashlake.store import ObjectStore
 
     store = ObjectStore(settings)
@@ -275,7 +275,7 @@ def _start_worker(index: int, processes: int, port: int, env: dict, root: Path) 
 
 def _start_prometheus(intake: str, workers: list[str], root: Path, pushgateway: str | None = None) -> Service:
     """Prometheus scraping the intake's and each worker node's /metrics, and the Pushgateway."""
-    from hashlake.prometheus_config import render_local_config
+    from hashlake.local.prometheus_config import render_local_config
 
     port = free_port()
     config = root / "prometheus.yml"

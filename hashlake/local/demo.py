@@ -16,9 +16,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from hashlake import stack
+from hashlake.local import stack
 from hashlake.config import Settings
-from hashlake.datasets import SAMPLE, iter_images
+from hashlake.image_sources import SAMPLE, iter_images
 from hashlake.sql import connect, refresh
 from hashlake.store import ObjectStore
 from hashlake.upload import upload_all

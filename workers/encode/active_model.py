@@ -18,7 +18,7 @@ import numpy as np
 from hashing_models.codes import pack_signs
 from hashlake.catalog import Catalog, ModelCard
 from hashlake.config import Settings
-from hashlake.models import backbone_id, build_model
+from hashlake.model_versions import backbone_id, load_version
 from hashlake.store import ObjectStore
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ class LoadedModel:
     card: ModelCard
     model: Any  # hashing_models HashModel (a torch.nn.Module in eval mode, on ``device``)
     device: "torch.device"
-    backbone_id: str  # ``hashlake.models.backbone_id`` of the model, computed once at load: the features' key
+    backbone_id: str  # ``hashlake.model_versions.backbone_id`` of the model, computed once at load: the features' key
 
     @property
     def version(self) -> str:
@@ -69,8 +69,8 @@ def resolve_device(setting: str) -> "torch.device":
 
 
 def load_model(catalog: Catalog, version: str, device: "torch.device") -> LoadedModel:
-    """The version's model (``hashlake.models.build_model``) on ``device``, with its card and backbone id."""
-    model = build_model(catalog, version)
+    """The version's model (``hashlake.model_versions.load_version``) on ``device``, with its card and backbone id."""
+    model = load_version(catalog, version)
     ident = backbone_id(model)  # hashed on the CPU, before the move: the same id on any device
     return LoadedModel(catalog.card(version), model.to(device), device, ident)
 

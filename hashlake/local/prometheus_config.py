@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ALERT_RULES = Path(__file__).resolve().parents[1] / "dashboards" / "prometheus" / "alerts.yml"
+ALERT_RULES = Path(__file__).resolve().parents[2] / "dashboards" / "prometheus" / "alerts.yml"
 
 
 def render_local_config(intake: str, workers: list[str], scrape_interval_s: int = 5,
