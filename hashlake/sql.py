@@ -46,6 +46,7 @@ from typing import NamedTuple
 import duckdb
 import pyarrow as pa
 
+from hashlake import query_metrics
 from hashlake.catalog import Catalog
 from hashlake.config import Settings, get_settings
 from hashlake.index.code_index import CodeIndex, shared_index
@@ -54,7 +55,6 @@ from hashlake.index.snapshot import Snapshot
 from hashlake.lake.connection import attach_for_queries
 from hashlake.lake.rules import current_failures_sql
 from hashlake.lake.schema import LAKE
-from hashlake import query_metrics
 from hashlake.native import loader as native
 from hashlake.store import ObjectStore
 

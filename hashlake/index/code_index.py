@@ -129,16 +129,15 @@ def _apply_rule(old: Snapshot, identity: pa.Table | None, new_deletes: pa.Table,
     if identity is None and not new_deletes.num_rows:
         return segments, hidden, np.zeros(0, np.int64)
     parts = []
-    # the keys a refresh touches, to find the old rows they may hide (a first load has no old rows:
-    # the set of its 1M keys would take a fifth of the load)
-    keys = pc.unique(pa.chunked_array([new_deletes.column("key")] + ([identity.column("key")] if identity is not None else []),
-                                      pa.string()).combine_chunks()) if segments else None
-    for s, (segment, seg_hidden) in enumerate(zip(segments, hidden)):
-        mask = pc.is_in(segment.columns.column("key"), value_set=keys).to_numpy(zero_copy_only=False)
-        mask[seg_hidden] = False
-        rows = np.flatnonzero(mask)
-        if rows.size:
-            parts.append(_tagged(segment.columns.take(pa.array(rows)), s, rows))
+    if segments:  # the old rows sharing a key with the refresh (a first load has none: no set of its 1M keys)
+        touched = [new_deletes.column("key")] + ([identity.column("key")] if identity is not None else [])
+        keys = pc.unique(pa.chunked_array(touched, pa.string()).combine_chunks())
+        for s, (segment, seg_hidden) in enumerate(zip(segments, hidden)):
+            mask = pc.is_in(segment.columns.column("key"), value_set=keys).to_numpy(zero_copy_only=False)
+            mask[seg_hidden] = False
+            rows = np.flatnonzero(mask)
+            if rows.size:
+                parts.append(_tagged(segment.columns.take(pa.array(rows)), s, rows))
     new_seg = len(segments)
     if identity is not None:
         parts.append(_tagged(identity, new_seg, np.arange(identity.num_rows)))

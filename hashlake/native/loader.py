@@ -226,21 +226,29 @@ def _describe(segment: Segment, hidden: np.ndarray, keep: list) -> _Segment:
     """The extension's view of ``segment`` with ``hidden`` rows: the segment's own part is described
     once (segments never change) and copied, so a refresh describes only its new segment and the hidden
     lists (describing a 1M-row segment's columns again took half of a +1% refresh)."""
-    base, base_keep = _segment_view(segment)
-    desc = _Segment.from_buffer_copy(base)
+    view = _segment_view(segment)
+    desc = _Segment.from_buffer_copy(view.desc)
     hidden = np.ascontiguousarray(hidden, dtype=np.int64)
-    keep += base_keep
+    keep += view.keep
     keep.append(hidden)
     desc.hidden = hidden.ctypes.data
     desc.n_hidden = hidden.size
     return desc
 
 
-_VIEWS: "weakref.WeakKeyDictionary[Segment, tuple[_Segment, list]]" = weakref.WeakKeyDictionary()
+@dataclass(frozen=True)
+class _SegmentView:
+    """A segment as the extension sees it, hidden rows aside: made once per segment (segments never change)."""
+
+    desc: _Segment
+    keep: list  # every buffer ``desc`` points into
+    tie_ranks: np.ndarray  # (rows,) uint32, also in ``keep``: what ``tie_rank_bytes`` counts
 
 
-def _segment_view(segment: Segment) -> tuple[_Segment, list]:
-    """(the segment's description without hidden rows, the buffers it points into), made once per segment."""
+_VIEWS: "weakref.WeakKeyDictionary[Segment, _SegmentView]" = weakref.WeakKeyDictionary()
+
+
+def _segment_view(segment: Segment) -> _SegmentView:
     with _LOCK:
         found = _VIEWS.get(segment)
     if found is not None:
@@ -276,39 +284,30 @@ def _segment_view(segment: Segment) -> tuple[_Segment, list]:
         profile = np.ascontiguousarray(segment.radius_profile, dtype=np.float64)
         keep.append(profile)
         desc.radius_profile = profile.ctypes.data
-    view = (desc, keep)
+    view = _SegmentView(desc, keep, ranks)
     with _LOCK:
         _VIEWS[segment] = view
     return view
 
 
-_TIE_RANKS: "weakref.WeakKeyDictionary[Segment, np.ndarray]" = weakref.WeakKeyDictionary()
-
-
 def tie_ranks(segment: Segment) -> np.ndarray:
     """(rows,) uint32: each row's position in the segment's (bucket, key) order, bytewise as DuckDB orders
     VARCHAR. With it a k-NN drops rows tied at the k-th distance by one integer compare instead of
-    keeping them all for a sort by strings (a million identical codes). Computed once per segment
-    (segments never change): ~0.4 s per million rows of random keys here."""
-    with _LOCK:
-        found = _TIE_RANKS.get(segment)
-    if found is not None:
-        return found
+    keeping them all for a sort by strings (a million identical codes). ~0.4 s per million rows of random
+    keys here; ``_segment_view`` keeps them with the segment's view."""
     if segment.rows >= 2**32:
         raise ValueError(f"a segment holds {segment.rows} rows; the extension takes fewer than 2**32")
     order = pc.sort_indices(segment.columns.select(["bucket", "key"]),
                             sort_keys=[("bucket", "ascending"), ("key", "ascending")]).to_numpy()
     ranks = np.empty(segment.rows, np.uint32)
     ranks[order] = np.arange(segment.rows, dtype=np.uint32)
-    with _LOCK:
-        _TIE_RANKS[segment] = ranks
     return ranks
 
 
 def tie_rank_bytes(snapshot: Snapshot) -> int:
     """Bytes of the tie ranks held for ``snapshot``'s segments (4 per row of each published segment)."""
     with _LOCK:
-        return sum(found.nbytes for s in snapshot.segments if (found := _TIE_RANKS.get(s)) is not None)
+        return sum(view.tie_ranks.nbytes for s in snapshot.segments if (view := _VIEWS.get(s)) is not None)
 
 
 _EMPTY = np.zeros(1, np.uint8)  # a valid address for the data of a column of empty strings
