@@ -28,7 +28,7 @@ from hashlake.catalog import Catalog
 from hashlake.config import Settings
 from hashlake.image_sources import SAMPLE, iter_images
 from hashlake.local import stack
-from hashlake.local.services import find_executable, free_port, port_open, spawn, wait_ready
+from hashlake.local.services import free_port, start_prometheus
 from hashlake.store import ObjectStore
 from hashlake.upload import upload_all
 from workers.intake.events import minio_record, webhook_body
@@ -95,10 +95,7 @@ def live():
         (root / "prometheus.yml").write_text(scrape_config(f"127.0.0.1:{settings.metrics_port}", workers,
                                                            f"127.0.0.1:{query_metrics.serve(0)}"))
         port = free_port()
-        prometheus = wait_ready(spawn("prometheus", [
-            find_executable("prometheus", "`make setup` installs prometheus"), f"--config.file={root / 'prometheus.yml'}",
-            f"--storage.tsdb.path={root / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
-            root / "prometheus.log", port=port), lambda: port_open(port), 30, "prometheus")
+        prometheus = start_prometheus(port, root / "prometheus.yml", root / "tsdb", root / "prometheus.log")
         yield settings, f"http://127.0.0.1:{port}", errors
     finally:
         stop.set()

@@ -1,4 +1,4 @@
-"""Start and stop the local back-end processes (redis-server, moto_server, PostgreSQL) on free ports.
+"""Start and stop the local back-end processes (redis-server, moto_server, PostgreSQL, Ray, Prometheus) on free ports.
 
 Used by ``hashlake stack`` and by the tests alike, so both exercise the same start-up code.
 Each service is a child process with its log in a file; ``stop()`` terminates it (SIGTERM, then
@@ -300,6 +300,15 @@ def _ray_jobs_ready(port: int) -> bool:
     except (OSError, ValueError, KeyError):
         return False
     return any(node.get("state") == "ALIVE" for node in nodes)
+
+
+def start_prometheus(port: int, config: Path, tsdb: Path, log: Path) -> Service:
+    """Prometheus on 127.0.0.1:``port`` with ``config``, ready once ``/-/ready`` answers 200: its port opens
+    before the TSDB is loaded, and until then every API call answers 503."""
+    exe = find_executable("prometheus", "install it with `make setup` (apt-get install prometheus)")
+    svc = spawn("prometheus", [exe, f"--config.file={config}", f"--storage.tsdb.path={tsdb}",
+                               f"--web.listen-address=127.0.0.1:{port}"], log, port=port)
+    return wait_ready(svc, lambda: _http_ok(f"http://127.0.0.1:{port}/-/ready"), 60, f"prometheus on port {port}")
 
 
 def start_pushgateway(port: int, log: Path) -> Service:

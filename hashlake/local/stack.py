@@ -27,7 +27,7 @@ from pathlib import Path
 
 from hashlake.config import STACK_CONFIG_FILE, Settings
 from hashlake.local.services import (ServiceError, Service, find_executable, free_port, port_open, postgres_can_enter,
-                               spawn, start_moto, start_postgres, start_pushgateway, start_ray, start_redis,
+                               spawn, start_moto, start_postgres, start_prometheus, start_pushgateway, start_ray, start_redis,
                                wait_ready)
 
 STATE_FILE = "stack.json"
@@ -280,9 +280,7 @@ def _start_prometheus(intake: str, workers: list[str], root: Path, pushgateway: 
     port = free_port()
     config = root / "prometheus.yml"
     config.write_text(render_local_config(intake, workers, pushgateway=pushgateway))
-    svc = spawn("prometheus", ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={root / 'data' / 'prometheus'}",
-                               f"--web.listen-address=127.0.0.1:{port}"], root / "logs" / "prometheus.log", port=port)
-    return wait_ready(svc, lambda: port_open(port), 30, "prometheus")
+    return start_prometheus(port, config, root / "data" / "prometheus", root / "logs" / "prometheus.log")
 
 
 def down(settings: Settings, log=print, grace_s: float = 15.0) -> None:
