@@ -312,7 +312,8 @@ def test_an_image_that_exhausts_the_workers_memory_is_isolated_and_recorded(wset
 
     Arrow's default pool (jemalloc/mimalloc) reserves 1 GiB of address space on the first shard a child
     writes, which RLIMIT_DATA counts; with Arrow on malloc (as an operator capping with RLIMIT_DATA
-    would run it), a child's first batch adds little, so one cap fits fresh and warm children alike."""
+    would run it), a warm child's batches add little; a fresh child peaks higher while it loads the model
+    and attaches the lake, which the cap's headroom leaves room for."""
     # A pixel limit above the default's 40 Mpx: the poster must need far more than the cap's headroom,
     # and a fresh child (forked after each death) needs a few hundred MB of it while it attaches the lake.
     s = wsettings.model_copy(update={"max_image_pixels": 150_000_000})
