@@ -1,6 +1,6 @@
 """The lake's ``features`` table: each encoded image version's pooled backbone features, for retraining.
 
-The encode workers write one row per (bucket, key, etag, backbone) in the transaction of the batch's
+The encode workers write one row per image version (bucket, key, etag, mtime_ns) and backbone in the transaction of the batch's
 codes (``LakeWriter.commit``; ``Settings.keep_features`` turns it off): ``feature`` is the (D,) pooled
 vector as float16, little-endian. ``backbone`` is ``hashlake.model_versions.backbone_id`` (name, px, weights
 digest), so the versions built on one backbone share rows, and a head trained on them re-encodes an

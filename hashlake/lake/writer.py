@@ -7,8 +7,8 @@ Parquet file per batch); compaction writes them out later (``maintenance.py``).
 Idempotence: the encode runner asks ``known`` before reading anything and skips the image versions a
 model version already holds (a duplicate event, a retried or redelivered batch cost no read and no
 forward), and the commit inserts only rows that are not there yet, so a batch committed twice leaves
-one row per (bucket, key, etag, model), and one feature row per (bucket, key, etag, backbone): the versions
-of one backbone share an image version's feature row.
+one row per (bucket, key, etag, model), and one feature row per image version and backbone: the model
+versions of one backbone share an image version's feature row.
 """
 from __future__ import annotations
 
@@ -50,6 +50,18 @@ def same_version_or_newer(held: str, new: str) -> str:
             f"AND ({new}.mtime_ns IS NULL OR {held}.mtime_ns >= {new}.mtime_ns - {new}.mtime_ns % 1000000)")
 
 
+def order_floor(mtime_ns: pa.Array | pa.ChunkedArray) -> str:
+    """SQL condition on a held row ``o``: its order is at or above the lowest millisecond of ``mtime_ns``
+    (the new rows' orders). ``same_version_or_newer`` implies it for every new row, so adding it changes
+    no answer; as a constant, the catalog prunes with it every data file whose largest order is older
+    (a batch of new uploads reads the inlined rows and the newest files, not the whole table). TRUE when
+    an order is missing (such a row matches any held order)."""
+    if mtime_ns.null_count or not len(mtime_ns):
+        return "TRUE"
+    low = pc.min(mtime_ns).as_py()
+    return f"o.mtime_ns >= {int(low - low % 1_000_000)}"
+
+
 class LakeWriter:
     """One per process (a DuckDB connection is used by one thread at a time: calls are serialized)."""
 
@@ -62,16 +74,19 @@ class LakeWriter:
               tables: tuple[str, ...] = ("codes", "failures")) -> set[tuple[str, str, str]]:
         """The (bucket, key, etag) among ``versions`` (objects with bucket, key, etag, mtime_ns attributes)
         whose image version already has a code or a refusal (other than ``missing``) under ``model_version``.
-        Each table read costs the catalog's round trips (~20 ms on a busy 2-core machine, whatever its
-        size): ``tables`` narrows it."""
+        Each table read costs the catalog's round trips (~20 ms on a busy 2-core machine) and the data
+        files that can hold rows at or above the versions' lowest order (``order_floor``): ``tables``
+        narrows it."""
         refs = pa.Table.from_pylist([{"bucket": v.bucket, "key": v.key, "etag": v.etag, "mtime_ns": v.mtime_ns}
                                      for v in versions], schema=_VERSIONS_SCHEMA)
         if not refs.num_rows:
             return set()
+        floor = order_floor(refs.column("mtime_ns"))
         query = " UNION ".join(f"""
             SELECT n.bucket, n.key, n.etag FROM _hashlake_refs AS n
             WHERE EXISTS (SELECT 1 FROM {LAKE}.{table} AS o
-                          WHERE o.model = $model AND {SETTLED[table]} AND {same_version_or_newer('o', 'n')})"""
+                          WHERE o.model = $model AND {SETTLED[table]} AND {floor}
+                            AND {same_version_or_newer('o', 'n')})"""
             for table in tables)
         with self._session() as con:
             con.register("_hashlake_refs", refs)
@@ -88,8 +103,10 @@ class LakeWriter:
 
         Each check is folded into its INSERT (… WHERE NOT EXISTS): it reads the table once more inside the
         transaction (it makes a redelivered batch whose first delivery committed after its ``known`` query
-        add nothing) and costs no extra round trip; the features' check names the backbone as a constant,
-        so it reads that partition's files only. Two deliveries committing at the same instant can still
+        add nothing) and costs no extra round trip; it names the batch's lowest order as a constant
+        (``order_floor``) and the features' check its backbone, so it reads the files that can hold them
+        only. A feature row is one per image version (an upload of the same bytes after a delete, a
+        later order, adds one; readers take one per current code). Two deliveries committing at the same instant can still
         both insert, and the current-rows rule (and the features readers, ``features.py``) collapses such
         exact duplicates. Feature rows are never deleted: they are read joined to current codes."""
         parts = [(name, table.cast(schema)) for name, table, schema in
@@ -110,14 +127,16 @@ class LakeWriter:
                                 INSERT INTO {LAKE}.features SELECT n.* FROM _hashlake_new_features AS n
                                 WHERE n.backbone = $backbone
                                   AND NOT EXISTS (SELECT 1 FROM {LAKE}.features AS o
-                                                  WHERE o.backbone = $backbone AND o.bucket = n.bucket
-                                                    AND o.key = n.key AND o.etag = n.etag)""",
+                                                  WHERE o.backbone = $backbone AND {order_floor(table["mtime_ns"])}
+                                                    AND o.bucket = n.bucket AND o.key = n.key AND o.etag = n.etag
+                                                    AND o.mtime_ns >= n.mtime_ns - n.mtime_ns % 1000000)""",
                                         {"backbone": backbone})
                         continue
                     con.execute(f"""
                         INSERT INTO {LAKE}.{name} SELECT n.* FROM _hashlake_new_{name} AS n
                         WHERE NOT EXISTS (SELECT 1 FROM {LAKE}.{name} AS o
                                           WHERE o.model = n.model AND {SETTLED[name]}
+                                            AND {order_floor(table["mtime_ns"])}
                                             AND {same_version_or_newer('o', 'n')})""")
                 con.execute("COMMIT")
             except BaseException:
