@@ -44,7 +44,7 @@ TEST_BLOCK_DELAY_ENV = "HASHLAKE_TEST_REENCODE_BLOCK_DELAY_S"
 
 # The head runs on slices of a block this many rows long: a 2,048 × 1,280 float32 slice (10 MB) stays in
 # cache from the float16 decode through the centring into the first layer; one 50,000-row block at a time
-# (256 MB a pass) ran the MLP head 1.3× and the linear head 2× slower (benchmarks/README.md, reencode.py).
+# (256 MB a pass) ran the MLP head 1.6× and the linear head 2.6× slower (benchmarks/README.md, reencode.py).
 HEAD_SLICE_ROWS = 2048
 
 # Ray CPUs of the read task, not the encoder's 1: Ray Data fuses a read and a map with equal resources
