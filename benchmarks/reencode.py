@@ -5,9 +5,10 @@ Parquet files in the index bucket), then:
 
   1. re-encode: N images' codes and pooled features (D = 1280, float16, as the encode workers commit
      them, here written in bulk) under an active version; ``scheduler.retrain.reencode.reencode_head``
-     writes every image's code under a candidate head, read from the features table, through Ray Data,
-     committed block by block. Beside it, the bare head forward over the same features in memory
-     (the reference: what the re-encode would cost with no lake and no Ray). -> rows/s, ratio
+     writes every image's code under a candidate head (the one a retraining trains by default: HashNet's
+     MLP head), read from the features table, through Ray Data, committed block by block. Beside it, the
+     bare head forward over the same features in memory (the reference: what the re-encode would cost
+     with no lake and no Ray). -> rows/s, ratio
   2. retrain: the cifar10 protocol's 5,000 training images (4,500 fit + 500 validation) at 128 px,
      their backbone features computed once (cached by ``hashing_models.features``), a head trained by
      ``scheduler.retrain.train.train_head`` (Ray Train, the job's own step) with the job's settings;
@@ -77,27 +78,53 @@ def fill(settings: Settings, n: int) -> float:
     return time.perf_counter() - started
 
 
-def candidate_head():
+def candidate_head(settings: Settings):
+    """The head a head-mode retraining trains by default: the settings' method with its head family as the
+    trainer resolves it (an MLP, 1280 → 512 → 64, for HashNet), on the benchmark's backbone and bits."""
     from hashing_models.registry import create_model
+    from hashing_models.trainer import TrainConfig
 
-    return create_model(f"hashnet_effnetlite0_{BITS}", pretrained=False, img_size=128).head.eval()
+    cfg = TrainConfig(method=settings.retrain_method, bits=BITS, pretrained="none", img_size=128)
+    return create_model(cfg.arch, pretrained=False, img_size=128, head=cfg.head).head.eval(), cfg
 
 
-def bare_head_rows_per_s(head, n: int) -> float:
-    """The reference: the same head over N float16 feature rows held in memory, in CHUNK blocks."""
+def bare_head_rows_per_s(head, n: int) -> tuple[float, int]:
+    """The reference: the same head over N float16 feature rows held in memory, decoded and forwarded in the
+    re-encode's slices (``HEAD_SLICE_ROWS``), with the torch threads of the actor that runs the re-encode's
+    head (Ray gives it 1 CPU, hence OMP_NUM_THREADS=1). → (rows/s, torch threads)."""
     import torch
 
     from hashing_models.codes import pack_signs
+    from scheduler.retrain.reencode import HEAD_SLICE_ROWS
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(encoder_threads())
     rows = np.random.default_rng(1).standard_normal((min(n, CHUNK), DIM), dtype=np.float32).astype(np.float16)
     started = time.perf_counter()
     done = 0
     with torch.inference_mode():
         while done < n:
-            block = torch.from_numpy(rows[: min(CHUNK, n - done)].astype(np.float32))
-            pack_signs(head(block).h)
-            done += len(block)
-    return n / (time.perf_counter() - started)
+            for start in range(0, min(CHUNK, n - done), HEAD_SLICE_ROWS):
+                block = torch.from_numpy(rows[start:min(start + HEAD_SLICE_ROWS, n - done)].astype(np.float32))
+                pack_signs(head(block).h)
+                done += len(block)
+    seconds = time.perf_counter() - started
+    used = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return n / seconds, used
+
+
+def encoder_threads() -> int:
+    """torch's threads inside a 1-CPU Ray actor, as the re-encode's ``HeadEncoder`` runs."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def threads() -> int:
+        import torch
+
+        return torch.get_num_threads()
+
+    return ray.get(threads.remote())
 
 
 def reencode(settings: Settings, head) -> dict:
@@ -174,10 +201,11 @@ def main() -> None:
     with private_lake("hashlake-reencode-bench-") as (settings, store):
         fill_s = fill(settings, args.images)
         print(f"fill: {args.images} codes + features rows in {fill_s:.1f} s")
-        head = candidate_head()
-        bare = bare_head_rows_per_s(head, args.images)
+        head, cfg = candidate_head(settings)
+        bare, threads = bare_head_rows_per_s(head, args.images)
         figures = reencode(settings, head)
-        print(f"re-encode: {figures}; bare head forward {bare:,.0f} rows/s")
+        print(f"re-encode ({cfg.method}, {cfg.head} head): {figures}; bare head forward {bare:,.0f} rows/s "
+              f"({threads} torch thread{'s' if threads > 1 else ''})")
         retrain_s = retrain_map = None
         if not args.skip_retrain:
             retrain_s, retrain_map = retrain(settings)
