@@ -233,16 +233,23 @@ def finetune_reencode(settings: Settings, store, n: int, dataset: Path) -> tuple
 
     from scheduler.retrain.reencode_images import reencode_images
 
+    import ray
+
     active, candidate = finetune_lake(settings, store, n, dataset)
+    torch.set_num_threads(max(1, int(ray.cluster_resources().get("CPU", 1))))  # the actor's thread count
+    # the reference before and after the re-encode, their mean taken: the cores are shared, and their
+    # load drifts over minutes
+    before = bare_forward_images_per_s(settings, store, candidate, n, dataset)
     con = open_lake(settings)
     try:
         figures = reencode_images(settings, con, active=active, candidate=candidate, backbone="unused",
                                   run_id="bench-finetune", progress=lambda done, total: None)
     finally:
         con.close()
-    torch.set_num_threads(max(1, int(__import__("ray").cluster_resources().get("CPU", 1))))  # the actor's count
-    bare = bare_forward_images_per_s(settings, store, candidate, n, dataset)
-    print(f"fine-tune re-encode: {figures}; bare forward {bare:,.1f} img/s at {FINETUNE_PX} px")
+    after = bare_forward_images_per_s(settings, store, candidate, n, dataset)
+    bare = (before + after) / 2
+    print(f"fine-tune re-encode: {figures}; bare forward {before:,.1f} img/s before, {after:,.1f} after, "
+          f"at {FINETUNE_PX} px")
     return figures, bare
 
 

@@ -255,8 +255,10 @@ def test_a_finetune_run_killed_during_reencode_leaves_the_old_version_and_a_reru
     from hashlake.model_versions import backbone_id, load_version
 
     settings, untrained = indexed
-    tiny = {"HASHLAKE_RETRAIN_EPOCHS": "20", "HASHLAKE_FINETUNE_EPOCHS": "1", "HASHLAKE_FINETUNE_BATCH_SIZE": "16",
-            "HASHLAKE_FINETUNE_BLOCK_IMAGES": "25", "HASHLAKE_FINETUNE_LR": "1e-4", "HASHLAKE_RETRAIN_TOLERANCE": "0.05"}
+    # one epoch over 250 images at 64 px is a run of the pipeline, not of learning (the gate's decision is
+    # the head-mode tests' subject): the gate lets any candidate through
+    tiny = {"HASHLAKE_RETRAIN_EPOCHS": "10", "HASHLAKE_FINETUNE_EPOCHS": "1", "HASHLAKE_FINETUNE_BATCH_SIZE": "16",
+            "HASHLAKE_FINETUNE_BLOCK_IMAGES": "25", "HASHLAKE_FINETUNE_LR": "1e-4", "HASHLAKE_RETRAIN_TOLERANCE": "1.0"}
     env = {**os.environ, **cli_env(settings), **tiny, "RAY_ADDRESS": ray_address, TEST_BLOCK_DELAY_ENV: "1.5"}
     runs = RunLog(settings)
     run_id = "retrain-finetune-kill"
@@ -282,9 +284,9 @@ def test_a_finetune_run_killed_during_reencode_leaves_the_old_version_and_a_reru
     assert killed.mode == "finetune" and killed.outcome == "running" and "reencode" not in killed.steps
     assert killed.steps["evaluate"]["promote"] and killed.steps["evaluate"]["unencoded"] == 0
 
-    resumed = retrain_job.run(settings.model_copy(update={"retrain_epochs": 20, "finetune_epochs": 1,
+    resumed = retrain_job.run(settings.model_copy(update={"retrain_epochs": 10, "finetune_epochs": 1,
                                                           "finetune_batch_size": 16, "finetune_block_images": 25,
-                                                          "finetune_lr": 1e-4, "retrain_tolerance": 0.05}),
+                                                          "finetune_lr": 1e-4, "retrain_tolerance": 1.0}),
                               run_id)
     assert resumed.outcome == "succeeded", resumed.reason
     assert resumed.steps["train"] == killed.steps["train"]  # not trained again
@@ -311,6 +313,9 @@ def test_a_finetune_run_killed_during_reencode_leaves_the_old_version_and_a_reru
             WHERE c.model = ? ORDER BY c.key""", [new_backbone, old_backbone, resumed.candidate]).to_arrow_table()
         assert con.execute("SELECT count(*), count(DISTINCT (bucket, key, etag)) FROM lake.codes WHERE model = ?",
                            [resumed.candidate]).fetchone() == (len(IMAGES), len(IMAGES))
+        for image in IMAGES[::60]:  # a query image is encoded by the new version: it finds its stored copy
+            query = con.execute("SELECT hash_image(?::BLOB)", [image.body]).fetchone()[0]
+            assert query == con.execute("SELECT code FROM codes WHERE key = ?", [image.name]).fetchone()[0]
     finally:
         con.close()
     assert rows.num_rows == len(IMAGES)

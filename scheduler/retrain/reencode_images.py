@@ -95,10 +95,10 @@ def _pool(settings: Settings) -> dict:
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     if gpus:
-        return {"concurrency": gpus, "num_gpus": 1, "threads": settings.torch_threads}
+        return {"actors": gpus, "num_gpus": 1, "threads": settings.torch_threads}
     actors = settings.finetune_reencode_actors
     threads = settings.torch_threads or max(1, int(resources.get("CPU", 1)) // actors)
-    return {"concurrency": actors, "num_gpus": 0, "threads": threads}
+    return {"actors": actors, "num_gpus": 0, "threads": threads}
 
 
 def encode_rows(settings: Settings, rows: pa.Table, candidate: str, batch_id: str) -> Iterator[pa.Table]:
@@ -115,8 +115,8 @@ def encode_rows(settings: Settings, rows: pa.Table, candidate: str, batch_id: st
     dataset = ray.data.from_arrow(rows.select(list(REF_COLUMNS))).repartition(max(1, -(-rows.num_rows // block_images)))
     encoded = dataset.map_batches(ImageEncoder, fn_constructor_args=(settings_payload(settings), candidate, batch_id,
                                                                      pool["threads"]),
-                                  batch_format="pyarrow", batch_size=block_images, concurrency=pool["concurrency"],
-                                  num_gpus=pool["num_gpus"])
+                                  batch_format="pyarrow", batch_size=block_images,
+                                  compute=ray.data.ActorPoolStrategy(size=pool["actors"]), num_gpus=pool["num_gpus"])
     writer = LakeWriter(settings)
     try:
         for block in encoded.iter_batches(batch_format="pyarrow", batch_size=block_images):
