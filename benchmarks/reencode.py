@@ -254,9 +254,9 @@ def finetune_reencode(settings: Settings, store, n: int, dataset: Path) -> tuple
 
 
 def print_finetune_results(figures: dict, bare: float) -> None:
-    print(f"RESULT finetune_reencode_images_per_s {figures['images_per_s']:.1f}")
+    print(f"RESULT finetune_reencode_images_per_s {figures['rows_per_s']:.1f}")
     print(f"RESULT finetune_bare_forward_images_per_s {bare:.1f}")
-    print(f"RESULT reencode_vs_bare_forward_ratio {figures['images_per_s'] / bare:.3f}")
+    print(f"RESULT reencode_vs_bare_forward_ratio {figures['rows_per_s'] / bare:.3f}")
     print(f"RESULT finetune_reencode_images {figures['rows']}")
 
 

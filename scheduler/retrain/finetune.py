@@ -73,7 +73,6 @@ def _train_loop(config: dict) -> None:
     import ray.train
     import torch
 
-    from hashing_models.hash_model import HashModel  # noqa: F401  (the model built below is one)
     from hashing_models.protocols import Split
     from hashing_models.trainer import DecodedImages, FeatureRows, build_model, fit
     from scheduler.retrain.state import RunLog

@@ -147,7 +147,7 @@ def reencode_images(settings: Settings, con: duckdb.DuckDBPyConnection, *, activ
             log.warning("test hook %s: sleeping %s s after a re-encode block", TEST_BLOCK_DELAY_ENV, delay)
             time.sleep(delay)
     seconds = time.monotonic() - started
-    return {"rows": done, "seconds": round(seconds, 3), "images_per_s": round(done / seconds, 1) if seconds else None,
+    return {"rows": done, "seconds": round(seconds, 3), "rows_per_s": round(done / seconds, 1) if seconds else None,
             "left_to_flip": total - done, "snapshot": at}
 
 
