@@ -14,8 +14,9 @@ candidate yet (``reencode.todo_sql``). An image that fails to read or decode, or
 it was listed, gets no row here: the flip step's staged reconciler has the encode workers encode it
 and record its failure.
 
-The evaluate step uses the same pipeline on the labelled images it scores (``encode_rows``), so their
-codes are written once and the re-encode step skips them.
+The evaluate step uses the same pipeline on the labelled images it scores (``candidate_codes``), so
+their codes are written once and the re-encode step skips them; a candidate the gate rejects keeps
+those rows, unserved (queries read the active version's), until ``hashlake model gc`` removes them.
 """
 from __future__ import annotations
 
