@@ -266,7 +266,8 @@ def main() -> None:
     parser.add_argument("--skip-retrain", action="store_true")
     parser.add_argument("--finetune-images", type=int, default=0,
                         help="also the fine-tune re-encode over this many uploaded CIFAR-10 images (0: not run)")
-    parser.add_argument("--finetune-dataset", type=Path, default=CIFAR10, help="the images it uploads (CIFAR-style Parquet)")
+    parser.add_argument("--finetune-dataset", type=Path, default=CIFAR10,
+                        help="the images the fine-tune part uploads (a CIFAR-style Parquet file)")
     args = parser.parse_args()
 
     import ray

@@ -3,7 +3,8 @@
 The lake is filled by the encode runner itself (read ▶ decode ▶ forward ▶ one commit of codes and
 features per batch, without Celery around it), under an untrained LSH version at 64 px; the images
 are CIFAR-10 sample images with their labels as user metadata. Then ``scheduler.retrain.job.run``
-trains a head on the stored features, gates it, re-encodes and flips, exactly as the Ray job does.
+trains a head on the stored features, gates it, re-encodes and flips, exactly as the Ray job does; in
+fine-tune mode it trains the backbone too, on the images read from the bucket, and re-encodes from them.
 """
 from __future__ import annotations
 

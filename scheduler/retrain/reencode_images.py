@@ -35,6 +35,7 @@ from hashlake.lake.schema import CODES_SCHEMA, FEATURES_SCHEMA, LAKE
 from hashlake.lake.writer import LakeWriter
 from scheduler.retrain.data import current_snapshot
 from scheduler.retrain.reencode import TEST_BLOCK_DELAY_ENV, todo_sql
+from scheduler.retrain.train import settings_payload
 
 log = logging.getLogger(__name__)
 
@@ -102,18 +103,19 @@ def _pool(settings: Settings) -> dict:
     return {"actors": actors, "num_gpus": 0, "threads": threads}
 
 
-def encode_rows(settings: Settings, rows: pa.Table, candidate: str, batch_id: str) -> Iterator[pa.Table]:
+def encode_rows(settings: Settings, rows: pa.Table, candidate: str, batch_id: str, *,
+                test_delay_s: float = 0.0) -> Iterator[pa.Table]:
     """Run ``rows`` (codes rows: bucket, key, etag, version_id, size, mtime_ns) through the actor pool;
-    yields, block by block once committed, the candidate's codes rows written (ENCODED_SCHEMA)."""
+    yields, block by block once committed, the candidate's codes rows written (ENCODED_SCHEMA).
+    test_delay_s: the test hook's sleep before each commit (a kill then lands between two blocks)."""
     import ray
 
     if not rows.num_rows:
         return
     block_images = settings.finetune_block_images
     pool = _pool(settings)
-    from scheduler.retrain.train import settings_payload
-
-    dataset = ray.data.from_arrow(rows.select(list(REF_COLUMNS))).repartition(max(1, -(-rows.num_rows // block_images)))
+    blocks = max(1, -(-rows.num_rows // block_images))  # ceil: one block per actor call
+    dataset = ray.data.from_arrow(rows.select(list(REF_COLUMNS))).repartition(blocks)
     encoded = dataset.map_batches(ImageEncoder, fn_constructor_args=(settings_payload(settings), candidate, batch_id,
                                                                      pool["threads"]),
                                   batch_format="pyarrow", batch_size=block_images,
@@ -122,6 +124,10 @@ def encode_rows(settings: Settings, rows: pa.Table, candidate: str, batch_id: st
     try:
         for block in encoded.iter_batches(batch_format="pyarrow", batch_size=block_images):
             if block.num_rows:
+                if test_delay_s:
+                    log.warning("test hook %s: sleeping %s s before a re-encode block", TEST_BLOCK_DELAY_ENV,
+                                test_delay_s)
+                    time.sleep(test_delay_s)
                 writer.commit(block.select([f.name for f in CODES_SCHEMA]).cast(CODES_SCHEMA), None,
                               _features_rows(block))
                 yield block
@@ -141,12 +147,9 @@ def reencode_images(settings: Settings, con: duckdb.DuckDBPyConnection, *, activ
     progress(0, total)
     done = 0
     delay = float(os.environ.get(TEST_BLOCK_DELAY_ENV) or 0)
-    for block in encode_rows(settings, todo, candidate, f"{run_id}-reencode"):
+    for block in encode_rows(settings, todo, candidate, f"{run_id}-reencode", test_delay_s=delay):
         done += block.num_rows
         progress(done, total)
-        if delay:
-            log.warning("test hook %s: sleeping %s s after a re-encode block", TEST_BLOCK_DELAY_ENV, delay)
-            time.sleep(delay)
     seconds = time.monotonic() - started
     return {"rows": done, "seconds": round(seconds, 3), "rows_per_s": round(done / seconds, 1) if seconds else None,
             "left_to_flip": total - done, "snapshot": at}
