@@ -257,9 +257,10 @@ def test_a_finetune_run_killed_during_reencode_leaves_the_old_version_and_a_reru
 
     settings, untrained = indexed
     # one epoch over 250 images at 64 px is a run of the pipeline, not of learning (the gate's decision is
-    # the head-mode tests' subject): the gate lets any candidate through
+    # the head-mode tests' subject): the gate lets any candidate through. Blocks of 10 images: the ~30
+    # validation images the re-encode step has left after the evaluate step's are several blocks
     tiny = {"HASHLAKE_RETRAIN_EPOCHS": "10", "HASHLAKE_FINETUNE_EPOCHS": "1", "HASHLAKE_FINETUNE_BATCH_SIZE": "16",
-            "HASHLAKE_FINETUNE_BLOCK_IMAGES": "25", "HASHLAKE_FINETUNE_LR": "1e-4", "HASHLAKE_RETRAIN_TOLERANCE": "1.0"}
+            "HASHLAKE_FINETUNE_BLOCK_IMAGES": "10", "HASHLAKE_FINETUNE_LR": "1e-4", "HASHLAKE_RETRAIN_TOLERANCE": "1.0"}
     env = {**os.environ, **cli_env(settings), **tiny, "RAY_ADDRESS": ray_address, TEST_BLOCK_DELAY_ENV: "1.5"}
     runs = RunLog(settings)
     run_id = "retrain-finetune-kill"
@@ -286,7 +287,7 @@ def test_a_finetune_run_killed_during_reencode_leaves_the_old_version_and_a_reru
     assert killed.steps["evaluate"]["promote"] and killed.steps["evaluate"]["unencoded"] == 0
 
     resumed = retrain_job.run(settings.model_copy(update={"retrain_epochs": 10, "finetune_epochs": 1,
-                                                          "finetune_batch_size": 16, "finetune_block_images": 25,
+                                                          "finetune_batch_size": 16, "finetune_block_images": 10,
                                                           "finetune_lr": 1e-4, "retrain_tolerance": 1.0}),
                               run_id)
     assert resumed.outcome == "succeeded", resumed.reason
