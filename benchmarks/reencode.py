@@ -14,11 +14,19 @@ Parquet files in the index bucket), then:
      ``scheduler.retrain.train.train_head`` (Ray Train, the job's own step) with the job's settings;
      its tie-expected mAP@ALL on the protocol's query set against its database. -> s, mAP
 
+  3. fine-tune re-encode (``--finetune-images N``): N CIFAR-10 JPEGs uploaded to the images bucket as
+     they are, their codes rows under an active version, and
+     ``scheduler.retrain.reencode_images.reencode_images`` writing every image's code and features under a
+     candidate of the same architecture (a new backbone's cost is its architecture's), from the bytes,
+     through the Ray Data actor pool (read ▶ decode ▶ prepare ▶ forward, committed block by block).
+     Beside it, the bare forward of the same model over the same images, decoded and prepared in memory
+     beforehand, in the same batch size and thread count (the reference). -> img/s, ratio
+
     .venv/bin/python benchmarks/reencode.py --images 1000000
     .venv/bin/python benchmarks/reencode.py --images 100000 --skip-retrain     # a quick look
+    .venv/bin/python benchmarks/reencode.py --images 0 --skip-retrain --finetune-images 5000   # fine-tune part only
 
-Fine-tune mode (images through GPU actors) is not built, so ``reencode_vs_bare_forward_ratio`` of the
-issue has nothing to measure yet. The RESULT lines come last.
+The RESULT lines come last.
 """
 from __future__ import annotations
 
@@ -189,30 +197,131 @@ def retrain(settings: Settings) -> tuple[float, float]:
     return seconds, result.map_tie_expected
 
 
+FINETUNE_PX = 128  # the default input size of `hashlake model init` (hashlake.model_versions.DEFAULT_IMG_SIZE)
+
+
+def finetune_lake(settings: Settings, store, n: int, dataset: Path) -> tuple[str, str]:
+    """Upload N CIFAR-10 JPEGs; an active version with a codes row per image (the rows the re-encode
+    reads: codes are random, they are not read) and a candidate version → (active, candidate)."""
+    from hashlake.catalog import Catalog
+    from hashlake.image_sources import iter_images
+    from hashlake.model_versions import init_model
+    from hashlake.upload import upload_all
+
+    images = list(iter_images(dataset, limit=n))
+    etags = upload_all(store, settings.images_bucket, images)
+    active = init_model(settings, img_size=FINETUNE_PX, store=store, center_limit=0).version
+    candidate = init_model(settings, img_size=FINETUNE_PX, activate=False, store=store, center_limit=0).version
+    Catalog(store, settings).activate(active)
+    rng = np.random.default_rng(2)
+    rows = pa.table({"bucket": [settings.images_bucket] * n, "key": [im.name for im in images],
+                     "etag": [etags[im.name] for im in images], "version_id": [None] * n,
+                     "size": [len(im.body) for im in images], "last_modified": [NOW] * n,
+                     "mtime_ns": list(range(n)),
+                     "code": [bytes(c) for c in rng.integers(0, 256, (n, BITS // 8), dtype=np.uint8)],
+                     "model": [active] * n, "encoded_at": [NOW] * n, "labels": [list(im.labels) for im in images],
+                     "batch_id": ["bench"] * n}, schema=CODES_SCHEMA)
+    con = open_lake(settings)
+    try:
+        con.register("_codes", rows)
+        con.execute(f"INSERT INTO {LAKE}.codes SELECT * FROM _codes")
+        con.unregister("_codes")
+    finally:
+        con.close()
+    return active, candidate
+
+
+def bare_forward_images_per_s(settings: Settings, store, candidate: str, n: int, dataset: Path) -> float:
+    """The reference: the candidate's forward (and sign/pack) over the N images decoded and prepared in
+    memory beforehand (not timed), in blocks of the re-encode's batch size, on this process's threads."""
+    import torch
+
+    from hashing_models.decode import decode_image
+    from hashing_models.preprocess import prepare_images
+    from hashlake.catalog import Catalog
+    from hashlake.image_sources import iter_images
+    from hashlake.model_versions import load_version
+    from workers.encode.active_model import pack
+
+    model = load_version(Catalog(store, settings), candidate)
+    images = [decode_image(im.body, settings.max_image_pixels) for im in iter_images(dataset, limit=n)]
+    block = settings.finetune_block_images
+    pixels = [prepare_images(images[b: b + block], model.input_config) for b in range(0, n, block)]
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for batch in pixels:
+            pack(model(batch).h)
+    return n / (time.perf_counter() - started)
+
+
+def finetune_reencode(settings: Settings, store, n: int, dataset: Path) -> tuple[dict, float]:
+    """(the re-encode step's figures, the bare forward's img/s) over N uploaded images."""
+    import torch
+
+    from scheduler.retrain.reencode_images import reencode_images
+
+    import ray
+
+    active, candidate = finetune_lake(settings, store, n, dataset)
+    torch.set_num_threads(max(1, int(ray.cluster_resources().get("CPU", 1))))  # the actor's thread count
+    # the reference before and after the re-encode, their mean taken: the cores are shared, and their
+    # load drifts over minutes
+    before = bare_forward_images_per_s(settings, store, candidate, n, dataset)
+    con = open_lake(settings)
+    try:
+        figures = reencode_images(settings, con, active=active, candidate=candidate, backbone="unused",
+                                  run_id="bench-finetune", progress=lambda done, total: None)
+    finally:
+        con.close()
+    after = bare_forward_images_per_s(settings, store, candidate, n, dataset)
+    bare = (before + after) / 2
+    print(f"fine-tune re-encode: {figures}; bare forward {before:,.1f} img/s before, {after:,.1f} after, "
+          f"at {FINETUNE_PX} px")
+    return figures, bare
+
+
+def print_finetune_results(figures: dict, bare: float) -> None:
+    print(f"RESULT finetune_reencode_images_per_s {figures['rows_per_s']:.1f}")
+    print(f"RESULT finetune_bare_forward_images_per_s {bare:.1f}")
+    print(f"RESULT reencode_vs_bare_forward_ratio {figures['rows_per_s'] / bare:.3f}")
+    print(f"RESULT finetune_reencode_images {figures['rows']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1_000_000)
     parser.add_argument("--skip-retrain", action="store_true")
+    parser.add_argument("--finetune-images", type=int, default=0,
+                        help="also the fine-tune re-encode over this many uploaded CIFAR-10 images (0: not run)")
+    parser.add_argument("--finetune-dataset", type=Path, default=CIFAR10,
+                        help="the images the fine-tune part uploads (a CIFAR-style Parquet file)")
     args = parser.parse_args()
 
     import ray
 
     ray.init(include_dashboard=False, log_to_driver=False)
+    figures = finetune = None
     with private_lake("hashlake-reencode-bench-") as (settings, store):
-        fill_s = fill(settings, args.images)
-        print(f"fill: {args.images} codes + features rows in {fill_s:.1f} s")
-        head, cfg = candidate_head(settings)
-        bare, threads = bare_head_rows_per_s(head, args.images)
-        figures = reencode(settings, head)
-        print(f"re-encode ({cfg.method}, {cfg.head} head): {figures}; bare head forward {bare:,.0f} rows/s "
-              f"({threads} torch thread{'s' if threads > 1 else ''})")
+        if args.images:
+            fill_s = fill(settings, args.images)
+            print(f"fill: {args.images} codes + features rows in {fill_s:.1f} s")
+            head, cfg = candidate_head(settings)
+            bare, threads = bare_head_rows_per_s(head, args.images)
+            figures = reencode(settings, head)
+            print(f"re-encode ({cfg.method}, {cfg.head} head): {figures}; bare head forward {bare:,.0f} rows/s "
+                  f"({threads} torch thread{'s' if threads > 1 else ''})")
         retrain_s = retrain_map = None
         if not args.skip_retrain:
             retrain_s, retrain_map = retrain(settings)
-    print(f"RESULT head_reencode_rows_per_s {figures['rows_per_s']:.0f}")
-    print(f"RESULT head_forward_rows_per_s {bare:.0f}")
-    print(f"RESULT head_reencode_vs_bare_head_ratio {figures['rows_per_s'] / bare:.3f}")
-    print(f"RESULT head_reencode_images {figures['rows']}")
+        if args.finetune_images:
+            finetune = finetune_reencode(settings, store, args.finetune_images, args.finetune_dataset)
+    if figures is not None:
+        print(f"RESULT head_reencode_rows_per_s {figures['rows_per_s']:.0f}")
+        print(f"RESULT head_forward_rows_per_s {bare:.0f}")
+        print(f"RESULT head_reencode_vs_bare_head_ratio {figures['rows_per_s'] / bare:.3f}")
+        print(f"RESULT head_reencode_images {figures['rows']}")
+    if finetune is not None:
+        print_finetune_results(*finetune)
     if retrain_s is not None:
         print(f"RESULT retrain_head_s {retrain_s:.1f}")
         print(f"RESULT retrain_head_map {retrain_map:.4f}")

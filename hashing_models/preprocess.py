@@ -47,6 +47,14 @@ class InputConfig:
             )
 
 
+def resize_image(image: Image.Image, cfg: InputConfig) -> Image.Image:
+    """One image as ``prepare_images`` sees it before normalising: RGB, resized to size×size. Holding
+    images in this form (e.g. a fine-tuning set) costs size²·3 bytes each and gives the same batch."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    side = (cfg.size, cfg.size)
+    return rgb if rgb.size == side else rgb.resize(side, resample=_RESAMPLE[cfg.interpolation], reducing_gap=3.0)
+
+
 def prepare_images(images: Sequence[Image.Image], cfg: InputConfig) -> torch.Tensor:
     """PIL images (any mode, any size) → float32 tensor (B, 3, size, size), normalized per ``cfg``.
 
@@ -57,14 +65,9 @@ def prepare_images(images: Sequence[Image.Image], cfg: InputConfig) -> torch.Ten
     """
     if len(images) == 0:
         raise ValueError("prepare_images got no images")
-    resample = _RESAMPLE[cfg.interpolation]
-    side = (cfg.size, cfg.size)
     batch = np.empty((len(images), cfg.size, cfg.size, 3), dtype=np.uint8)  # (B, H, W, 3)
     for i, image in enumerate(images):
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        if rgb.size != side:
-            rgb = rgb.resize(side, resample=resample, reducing_gap=3.0)
-        batch[i] = np.asarray(rgb)
+        batch[i] = np.asarray(resize_image(image, cfg))
     pixels = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W) in [0, 1]
     mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1)

@@ -189,6 +189,13 @@ class DecodedImages:
         self.input_config = model.input_config
         self.flip = flip  # training batches only
 
+    @classmethod
+    def of(cls, model: HashModel, images: dict, flip: bool = False) -> "DecodedImages":
+        """The same source over images decoded elsewhere (e.g. read from a bucket): {index: PIL image}."""
+        source = cls.__new__(cls)
+        source.images, source.input_config, source.flip = dict(images), model.input_config, flip
+        return source
+
     def batch(self, indices: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images (B, 3, S, S); with a generator (training), random horizontal flips drawn from it."""
         images = prepare_images([self.images[int(i)] for i in indices], self.input_config)

@@ -101,7 +101,8 @@ class Settings(BaseSettings):
     ray_address: str = Field("http://127.0.0.1:8265", description="the Ray Jobs API (dashboard) URL")
     retrain_cron: str = Field("0 2 * * *", description="when the nightly retraining runs: 5 cron fields, UTC")
     retrain_mode: str = Field("head", description="the nightly run's mode: head (a new hash head on the stored "
-                                                  "features); finetune is not built")
+                                                  "features) or finetune (backbone and head end to end on the "
+                                                  "images, on GPU workers where the Ray cluster has them)")
     pushgateway_url: str | None = Field(None, description="a Prometheus Pushgateway (host:port or URL) the "
                                                           "retraining job pushes its metrics to; None: none")
     retrain_method: str = Field("hashnet", description="hashing method a head-mode retraining trains "
@@ -112,6 +113,15 @@ class Settings(BaseSettings):
     reencode_block_rows: int = Field(50_000, ge=1, description="rows per block (and per lake commit) of a "
                                                                "head-mode re-encode: ~2.5 KB of features each")
     retrain_min_images: int = Field(50, ge=2, description="labelled images (train split) a retraining needs")
+    finetune_epochs: int = Field(10, ge=1, description="fine-tune mode: passes over the train split's images, "
+                                                       "after a head fit on the stored features")
+    finetune_lr: float = Field(1e-3, gt=0, description="fine-tune mode: peak learning rate of the head (the "
+                                                       "backbone's is a tenth of it), cosine decay")
+    finetune_batch_size: int = Field(64, ge=2, description="fine-tune mode: images per training step")
+    finetune_block_images: int = Field(512, ge=1, description="fine-tune mode: images per re-encode actor call "
+                                                              "and per lake commit")
+    finetune_reencode_actors: int = Field(1, ge=1, description="fine-tune mode: re-encode actors where the Ray "
+                                                               "cluster has no GPU (with GPUs: one per GPU)")
 
     @field_validator("s3_endpoint")
     @classmethod

@@ -3,7 +3,8 @@
 The lake is filled by the encode runner itself (read ▶ decode ▶ forward ▶ one commit of codes and
 features per batch, without Celery around it), under an untrained LSH version at 64 px; the images
 are CIFAR-10 sample images with their labels as user metadata. Then ``scheduler.retrain.job.run``
-trains a head on the stored features, gates it, re-encodes and flips, exactly as the Ray job does.
+trains a head on the stored features, gates it, re-encodes and flips, exactly as the Ray job does; in
+fine-tune mode it trains the backbone too, on the images read from the bucket, and re-encodes from them.
 """
 from __future__ import annotations
 
@@ -240,3 +241,90 @@ def test_too_few_labelled_images_fail_the_run_with_what_to_do(settings, ray_addr
     state = retrain_job.run(settings, "retrain-head-empty")
     assert state.outcome == "failed" and "step data" in state.reason and "retrain_min_images" in state.reason
     assert Catalog(store, settings).active() == version and "train" not in state.steps
+
+
+def test_a_finetune_run_killed_during_reencode_leaves_the_old_version_and_a_rerun_flips_to_a_new_backbone(
+        indexed, ray_address):
+    """Fine-tune mode end to end: backbone and head trained on the images read from the bucket (1 epoch,
+    after the head stage), the gate scoring codes made from the images, the re-encode through the actor
+    pool killed after its first block, then resumed: the flip serves codes of the new backbone."""
+    import numpy as np
+    import torch
+
+    from hashing_models.codes import pack_signs
+    from hashlake.lake.features import decode_features
+    from hashlake.model_versions import backbone_id, load_version
+
+    settings, untrained = indexed
+    # one epoch over 250 images at 64 px is a run of the pipeline, not of learning (the gate's decision is
+    # the head-mode tests' subject): the gate lets any candidate through. Blocks of 10 images: the ~30
+    # validation images the re-encode step has left after the evaluate step's are several blocks
+    tiny = {"HASHLAKE_RETRAIN_EPOCHS": "10", "HASHLAKE_FINETUNE_EPOCHS": "1", "HASHLAKE_FINETUNE_BATCH_SIZE": "16",
+            "HASHLAKE_FINETUNE_BLOCK_IMAGES": "10", "HASHLAKE_FINETUNE_LR": "1e-4", "HASHLAKE_RETRAIN_TOLERANCE": "1.0"}
+    env = {**os.environ, **cli_env(settings), **tiny, "RAY_ADDRESS": ray_address, TEST_BLOCK_DELAY_ENV: "1.5"}
+    runs = RunLog(settings)
+    run_id = "retrain-finetune-kill"
+    job = subprocess.Popen([sys.executable, "-m", "scheduler.retrain", "--run-id", run_id, "--mode", "finetune"],
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            state = runs.load(run_id)
+            if state and state.progress.get("step") == "reencode" and state.progress.get("done", 0) > 0:
+                break
+            assert job.poll() is None, "the job ended before its re-encode step"
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the job never reached its re-encode step")
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    catalog = Catalog(ObjectStore(settings), settings)
+    assert catalog.active() == untrained
+    assert served(settings) == ({untrained}, len(IMAGES))
+    killed = runs.load(run_id)
+    assert killed.mode == "finetune" and killed.outcome == "running" and "reencode" not in killed.steps
+    assert killed.steps["evaluate"]["promote"] and killed.steps["evaluate"]["unencoded"] == 0
+
+    resumed = retrain_job.run(settings.model_copy(update={"retrain_epochs": 10, "finetune_epochs": 1,
+                                                          "finetune_batch_size": 16, "finetune_block_images": 10,
+                                                          "finetune_lr": 1e-4, "retrain_tolerance": 1.0}),
+                              run_id)
+    assert resumed.outcome == "succeeded", resumed.reason
+    assert resumed.steps["train"] == killed.steps["train"]  # not trained again
+    evaluated = killed.steps["evaluate"]["queries"] + killed.steps["evaluate"]["database"]
+    # the gate's images were coded by the evaluate step; the re-encode did the rest, minus the killed block
+    assert 0 < resumed.steps["reencode"]["rows"] < len(IMAGES) - evaluated
+    assert resumed.steps["reencode"]["left_to_flip"] == 0
+    assert catalog.active() == resumed.candidate and served(settings) == ({resumed.candidate}, len(IMAGES))
+    card = catalog.card(resumed.candidate)
+    assert card.training["mode"] == "finetune" and card.metrics["lake_snapshot"] == resumed.steps["data"]["snapshot"]
+    assert card.metrics["images_read"] > 0 and card.metrics["images_unreadable"] == 0
+
+    # a new backbone: its features were written with its codes, and its codes are not what the same head
+    # would give on the old backbone's stored features (a head-only re-encode)
+    model, active = load_version(catalog, resumed.candidate), load_version(catalog, untrained)
+    new_backbone, old_backbone = backbone_id(model), backbone_id(active)
+    assert new_backbone != old_backbone
+    con = connect(settings)
+    try:
+        rows = con.execute("""
+            SELECT c.code, n.feature AS new_feature, o.feature AS old_feature FROM lake.codes AS c
+            JOIN lake.features AS n ON n.key = c.key AND n.etag = c.etag AND n.backbone = ?
+            JOIN lake.features AS o ON o.key = c.key AND o.etag = c.etag AND o.backbone = ?
+            WHERE c.model = ? ORDER BY c.key""", [new_backbone, old_backbone, resumed.candidate]).to_arrow_table()
+        assert con.execute("SELECT count(*), count(DISTINCT (bucket, key, etag)) FROM lake.codes WHERE model = ?",
+                           [resumed.candidate]).fetchone() == (len(IMAGES), len(IMAGES))
+        for image in IMAGES[::60]:  # a query image is encoded by the new version: it finds its stored copy
+            query = con.execute("SELECT hash_image(?::BLOB)", [image.body]).fetchone()[0]
+            assert query == con.execute("SELECT code FROM codes WHERE key = ?", [image.name]).fetchone()[0]
+    finally:
+        con.close()
+    assert rows.num_rows == len(IMAGES)
+    codes = np.frombuffer(b"".join(rows["code"].to_pylist()), np.uint8).reshape(len(IMAGES), -1)
+    with torch.inference_mode():
+        from_new = pack_signs(model.forward_head(torch.from_numpy(decode_features(rows["new_feature"]))).h)
+        from_old = pack_signs(model.forward_head(torch.from_numpy(decode_features(rows["old_feature"]))).h)
+    differing = np.unpackbits(codes ^ from_old, axis=1).sum(1)
+    assert np.mean(differing > 0) > 0.5  # most images' codes moved with the backbone
+    assert np.mean(np.unpackbits(codes ^ from_new, axis=1).sum(1)) < 1  # the stored features are the codes'

@@ -11,17 +11,22 @@ from hashlake.cli.output import console
 from hashlake.config import load_settings
 
 
-def retrain(mode: Annotated[str, typer.Option(help="head: a new hash head on the stored features (finetune is "
-                                                     "not built)")] = "head",
+def retrain(mode: Annotated[str, typer.Option(help="head: a new hash head on the stored features (minutes on a "
+                                                     "CPU, no image read); finetune: backbone and head trained end "
+                                                     "to end on the images, read from the bucket, then every image "
+                                                     "re-encoded (GPU workers where the Ray cluster has them)")
+                                     ] = "head",
             wait: Annotated[bool, typer.Option("--wait", help="follow the run with a progress bar until it ends")] = False,
             resume: Annotated[Optional[str], typer.Option(help="submit this failed or killed run again; it goes on "
                                                                 "from its first unfinished step")] = None) -> None:
     """Submit a retraining run to the Ray cluster (HASHLAKE_RAY_ADDRESS) now, as the nightly schedule does."""
     from scheduler.submit import resume as resume_run, submit_retrain, wait_with_progress
 
-    if mode != "head":
-        fail(f"retraining mode {mode!r} is not available: only head mode (a new hash head on the stored features) "
-             f"is built")
+    from scheduler.retrain.job import MODES
+
+    if mode not in MODES:
+        fail(f"unknown retraining mode {mode!r}: use head (a new hash head on the stored features) or finetune "
+             f"(backbone and head on the images)")
     settings = load_settings()
     submission = resume_run(settings, resume) if resume else submit_retrain(settings, mode)
     run_id = resume or submission

@@ -43,6 +43,13 @@ class LabelledImages:
         return Split(protocol="lake", seed=0, query=where("evaluation"), train=train, val=where("validation"),
                      database=train)
 
+    def take(self, rows: np.ndarray) -> "LabelledImages":
+        """The images at positions ``rows`` (ascending), e.g. those the candidate could encode."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return LabelledImages(snapshot=self.snapshot, refs=self.refs.take(pa.array(rows)), features=self.features[rows],
+                              labels=self.labels[rows], label_names=self.label_names, split=self.split[rows],
+                              active_codes=self.active_codes[rows], without_features=self.without_features)
+
     def counts(self) -> dict[str, int]:
         return {"images": len(self.split), **{f"{name}_images": int((self.split == name).sum())
                                                for name in ("train", "validation", "evaluation")},

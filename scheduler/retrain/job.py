@@ -1,11 +1,17 @@
 """The nightly retraining job: one entry point, five resumable steps, run as a Ray job.
 
     data      the lake snapshot to train on, and what it holds (labelled images, labels, splits)
-    train     a new head on the stored features of the train split (Ray Train; ``train.py``), published
+    train     head mode: a new head on the stored features of the train split (Ray Train; ``train.py``);
+              fine-tune mode: a whole new model, backbone and head, on the train split's images read from
+              the bucket (Ray Train, GPU workers where the cluster has them; ``finetune.py``); published
               to the catalog as the candidate version, not active
-    evaluate  candidate vs active on the evaluation split (``gate.py``): promote, or end ``rejected``
-    reencode  the candidate's codes for every current image from its stored features (Ray Data;
-              ``reencode.py``)
+    evaluate  candidate vs active on the evaluation split (``gate.py``): promote, or end ``rejected``.
+              The candidate's codes: head mode from the stored features through its head; fine-tune
+              mode from the images through the whole candidate (``reencode_images.candidate_codes``:
+              the stored features are the old backbone's), written to the lake as they are made
+    reencode  the candidate's codes for every current image: head mode from its stored features (Ray
+              Data; ``reencode.py``), fine-tune mode from its bytes (a Ray Data actor pool;
+              ``reencode_images.py``)
     flip      ``scheduler.promote``: staged reconciler runs until every current object has a code
               under the candidate (the encode workers take what had no features, and what was uploaded
               meanwhile), then the active pointer moves, one PUT
@@ -15,8 +21,8 @@ outputs are named by the run (candidate version, its checkpoint folder, its code
 killed anywhere leaves the old version serving (the pointer moves last), and the same run id run
 again goes on from the first unfinished step.
 
-Only head mode is built: it keeps the active version's backbone and trains its hash head. A
-``finetune`` run is refused with that reason.
+Head mode keeps the active version's backbone and trains its hash head; fine-tune mode trains the
+backbone too, so its candidate's codes (and features) come from the images.
 """
 from __future__ import annotations
 
@@ -99,9 +105,6 @@ def run(settings: Settings, run_id: str, mode: str = "head") -> RunState:
     job = _Run(settings, state, runs, catalog)
     step = "data"
     try:
-        if mode == "finetune":
-            raise RetrainError("fine-tune mode is not available in this version: run --mode head (a new hash head "
-                               "on the stored features of the active version's backbone)")
         import ray
 
         ray.init(ignore_reinit_error=True, log_to_driver=False)
@@ -159,28 +162,43 @@ def _data(job: _Run) -> dict:
 def _train(job: _Run) -> dict:
     from hashing_models.registry import create_model
     from hashlake.model_versions import load_version
+    from scheduler.retrain.finetune import finetune_config, train_finetune
     from scheduler.retrain.train import head_config, train_head
 
     active_card = job.catalog.card(job.active)
     data = job.data()
-    cfg = head_config(job.settings, active_card, data)
+    finetune = job.state.mode == "finetune"
+    head_cfg = head_config(job.settings, active_card, data)
+    cfg = finetune_config(job.settings, active_card, data) if finetune else head_cfg
     version = f"{cfg.arch}-{cfg.img_size}px-{job.state.run_id}".lower()
     if version not in job.catalog.versions():  # a rerun after a kill between publish and record reuses it
         data_text = (f"lake snapshot {data.snapshot}: {data.counts()['train_images']} train / "
                      f"{data.counts()['validation_images']} validation images of {job.settings.images_bucket}, "
                      f"labels {', '.join(data.label_names)}")
-        head, figures = train_head(job.settings, job.state.run_id, cfg, data, data_text)
         model = create_model(cfg.arch, pretrained=False, img_size=cfg.img_size, num_classes=cfg.num_classes,
                              head=cfg.head)
-        model.backbone.load_state_dict(load_version(job.catalog, job.active).backbone.state_dict())
-        model.head.load_state_dict(head)
+        active_model = load_version(job.catalog, job.active)
+        if finetune:
+            weights, figures = train_finetune(job.settings, job.state.run_id, active_model, head_cfg, cfg, data,
+                                              data_text)
+            model.load_state_dict(weights)
+            description = (f"{cfg.method} model fine-tuned end to end (backbone and head) on the lake's labelled "
+                           f"images, from the backbone of {job.active}")
+            training = {**asdict(cfg), "head_stage": asdict(head_cfg)}
+            extra = {"head_stage_val_map": figures["head_val_map"], "images_read": figures["images"],
+                     "images_unreadable": figures["unreadable"]}
+        else:
+            head, figures = train_head(job.settings, job.state.run_id, cfg, data, data_text)
+            model.backbone.load_state_dict(active_model.backbone.state_dict())
+            model.head.load_state_dict(head)
+            description = f"{cfg.method} head trained on the lake's labels over the backbone of {job.active}"
+            training, extra = asdict(cfg), {}
         card = ModelCard(version=version, arch=cfg.arch, method=cfg.method, backbone=active_card.backbone,
-                         bits=cfg.bits, input_size=cfg.img_size,
-                         description=f"{cfg.method} head trained on the lake's labels over the backbone of {job.active}",
-                         training=asdict(cfg), data=data_text,
+                         bits=cfg.bits, input_size=cfg.img_size, description=description,
+                         training=training, data=data_text,
                          metrics={"val_map_tie_expected": figures["val_map"], "best_epoch": figures["best_epoch"],
                                   "history": figures["history"], "lake_snapshot": data.snapshot,
-                                  "run_id": job.state.run_id, "commit": _commit()})
+                                  "run_id": job.state.run_id, "commit": _commit(), **extra})
         job.catalog.publish(card, model.eval().state_dict())
         job._candidate_model = model.eval()
     else:
@@ -191,22 +209,43 @@ def _train(job: _Run) -> dict:
 
 
 def _evaluate(job: _Run) -> dict:
+    import numpy as np
     import torch
 
     from hashing_models.codes import pack_signs
     from scheduler.retrain.gate import evaluate
 
     data = job.data()
-    model = job.candidate_model()
-    with torch.inference_mode():
-        codes = pack_signs(model.forward_head(torch.from_numpy(data.features)).h)
+    unencoded = 0
+    if job.state.mode == "finetune":  # the stored features are the old backbone's: encode the images
+        from scheduler.retrain.reencode_images import candidate_codes
+
+        data = data.take(np.flatnonzero(data.split != "validation"))  # the gate's queries and database only
+
+        got = candidate_codes(job.settings, job.con, active=job.active, candidate=job.state.candidate,
+                              backbone=job.backbone, refs=data.refs, run_id=job.state.run_id,
+                              progress=lambda done, total: job.progress("evaluate", done, total))
+        rows = np.flatnonzero([code is not None for code in got])
+        unencoded = len(got) - len(rows)  # unreadable now, or overwritten since the snapshot
+        data = data.take(rows)
+        codes = np.frombuffer(b"".join(got[r] for r in rows), np.uint8).reshape(len(rows), -1)
+    else:
+        model = job.candidate_model()
+        with torch.inference_mode():
+            codes = pack_signs(model.forward_head(torch.from_numpy(data.features)).h)
     result = evaluate(data, codes, job.settings.retrain_tolerance)
-    return {**result.figures(), "reason": result.reason}
+    return {**result.figures(), "reason": result.reason, "unencoded": unencoded}
 
 
 def _reencode(job: _Run) -> dict:
     from scheduler.retrain.reencode import reencode_head
 
+    if job.state.mode == "finetune":
+        from scheduler.retrain.reencode_images import reencode_images
+
+        return reencode_images(job.settings, job.con, active=job.active, candidate=job.state.candidate,
+                               backbone=job.backbone, run_id=job.state.run_id,
+                               progress=lambda done, total: job.progress("reencode", done, total))
     return reencode_head(job.settings, job.con, active=job.active, candidate=job.state.candidate,
                          backbone=job.backbone, head=job.candidate_model().head, run_id=job.state.run_id,
                          progress=lambda done, total: job.progress("reencode", done, total))
