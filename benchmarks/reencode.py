@@ -1,4 +1,5 @@
-"""Head-mode retraining at scale: the Ray Data re-encode from stored features, and the Ray Train head fit.
+"""Retraining at scale: the head-mode re-encode from stored features (Ray Data), the Ray Train head fit, and
+the fine-tune re-encode of uploaded images through a Ray Data actor pool.
 
 Starts its own PostgreSQL and moto_server (the lake as the product keeps it: catalog in PostgreSQL,
 Parquet files in the index bucket), then:
@@ -13,7 +14,6 @@ Parquet files in the index bucket), then:
      their backbone features computed once (cached by ``hashing_models.features``), a head trained by
      ``scheduler.retrain.train.train_head`` (Ray Train, the job's own step) with the job's settings;
      its tie-expected mAP@ALL on the protocol's query set against its database. -> s, mAP
-
   3. fine-tune re-encode (``--finetune-images N``): N CIFAR-10 JPEGs uploaded to the images bucket as
      they are, their codes rows under an active version, and
      ``scheduler.retrain.reencode_images.reencode_images`` writing every image's code and features under a
