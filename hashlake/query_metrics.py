@@ -14,7 +14,7 @@
     hashlake_query_index_loads_total{reason}     counter: refreshes that read a whole model version:
                                                  first (the process's first connection on it) | expired
                                                  (the snapshot it held was expired by compaction) |
-                                                 stalled (its change read passed index_read_timeout_s)
+                                                 stalled (its change read passed index_refresh_timeout_s)
 
 The searches run in the ``hashlake_hamming`` extension (C), which times each answer and counts it in
 fixed buckets (50 µs to 1 s; hashlake/native/src/metrics.c says what is timed); ``QueryCollector``

@@ -115,7 +115,8 @@ def refresh(con: duckdb.DuckDBPyConnection) -> Snapshot:
     (``hashlake model promote``) its refresh moves it to the new version's index, and ``hash_image``
     to the new version's model.
 
-    No read waits for ever: one that passes ``Settings.index_read_timeout_s`` is abandoned; a stalled
+    No read waits for ever: one that passes its bound (``Settings.index_refresh_timeout_s``,
+    ``index_load_timeout_s``) is abandoned; a stalled
     change read is replaced by a fresh load, and if that stalls too ``LakeReadStalled`` is raised and the
     connection stays on the snapshot it had."""
     state = _state(con)

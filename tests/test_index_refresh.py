@@ -229,7 +229,7 @@ class CatalogLock:
 
 
 def test_a_stalled_change_read_is_abandoned_and_the_refresh_loads_afresh(settings, lake):
-    settings = settings.model_copy(update={"index_read_timeout_s": 3.0})
+    settings = settings.model_copy(update={"index_refresh_timeout_s": 3.0})
     write_codes(lake, [(f"k{i}", "e1", BASE, i) for i in range(5)])
     index = CodeIndex(LakeSource(settings), VERSION)
     index.refresh()
@@ -257,7 +257,7 @@ def test_a_stalled_change_read_is_abandoned_and_the_refresh_loads_afresh(setting
 
 
 def test_a_refresh_whose_load_stalls_too_keeps_its_snapshot(settings, lake, caplog):
-    settings = settings.model_copy(update={"index_read_timeout_s": 2.0})
+    settings = settings.model_copy(update={"index_refresh_timeout_s": 2.0, "index_load_timeout_s": 2.0})
     write_codes(lake, [("a", "a1", BASE, 1)])
     index = CodeIndex(LakeSource(settings), VERSION)
     held = index.refresh()

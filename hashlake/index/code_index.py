@@ -9,7 +9,7 @@ The lake stays the source of truth; the in-memory form is built from it:
   their segment's hidden list, new rows that lose never enter memory. A delete of one version of a
   versioned bucket can make an older version current again, so the keys it names are re-read;
 - when the held snapshot has been expired by compaction, or the change read stalls past
-  ``Settings.index_read_timeout_s`` (``lake_source``), the refresh loads afresh; when that load stalls
+  ``Settings.index_refresh_timeout_s`` (``lake_source``), the refresh loads afresh; when that load stalls
   too, the refresh raises and the index keeps serving the snapshot it had;
 - segments with many hidden rows are compacted, and past MAX_SEGMENTS the smaller segments are
   merged, so a query touches few segments whatever the refresh history.

@@ -7,11 +7,14 @@ together are one consistent state, and a refresh reads exactly the rows inserted
 The refresh reads insertions, not ``ducklake_table_changes``: the index wants the rows a snapshot range
 added ('insert' and 'update_postimage' of the change feed, which are exactly the insertions), and the
 change-feed macro (insertions LEFT JOIN deletions UNION ALL deletions LEFT JOIN insertions: four scans,
-each reading the catalog's inlined rows) stops for ever in DuckDB 1.5.5 / DuckLake on a PostgreSQL
-catalog in a 10M-row lake (every scheduler thread idle, the catalog connection idle after its COPY, and
-``interrupt()`` does not end it), where the insertions scan alone returns in under 2 s.
+each reading the catalog's inlined rows) can stop for ever in DuckDB 1.5.5 / DuckLake on a PostgreSQL
+catalog: every scheduler thread idle, the catalog connection idle after its COPY, and ``interrupt()``
+does not end it. It did so on every try over 100,800 inlined rows on top of 10M rows in one file, and
+the same UNION ALL with fewer columns did over 1M, where each of its two joins alone, and the
+insertions scan alone, return in under 2 s.
 
-Every read is bounded (``Settings.index_read_timeout_s``): a statement that has not returned by then is
+Every read is bounded (``Settings.index_refresh_timeout_s`` for a refresh's reads of the changes,
+``index_load_timeout_s`` for a whole-version load): a statement that has not returned by then is
 interrupted, and one that still does not return is abandoned with its connection (the next read opens
 another) and reported as ``LakeReadStalled``, so that no refresh waits for ever.
 """
@@ -44,7 +47,8 @@ class SnapshotGone(LookupError):
 
 
 class LakeReadStalled(TimeoutError):
-    """A read of the lake did not return within ``Settings.index_read_timeout_s``."""
+    """A read of the lake did not return within its bound (``Settings.index_refresh_timeout_s`` or
+    ``index_load_timeout_s``)."""
 
 
 class LakeSource:
@@ -58,13 +62,13 @@ class LakeSource:
         return f"postgresql://{s.pg_host}:{s.pg_port}/{s.pg_database} {s.lake_path}"
 
     def current_snapshot(self) -> int:
-        return self._query("the current snapshot", f"FROM {LAKE}.current_snapshot()").column(0)[0].as_py()
+        return self._query("the current snapshot", f"FROM {LAKE}.current_snapshot()", load=False).column(0)[0].as_py()
 
     def codes(self, model_version: str, at: int) -> pa.Table:
         """Every codes row of ``model_version`` at snapshot ``at``."""
         return self._query(f"the codes of {model_version} at snapshot {int(at)}",
                            f"SELECT {', '.join(CODE_COLUMNS)} FROM {LAKE}.codes AT (VERSION => {int(at)}) "
-                           f"WHERE model = $model", {"model": model_version})
+                           f"WHERE model = $model", {"model": model_version}, load=True)
 
     def codes_of_keys(self, model_version: str, keys: pa.Table, at: int) -> pa.Table:
         """The codes rows of ``model_version`` at ``at`` whose (bucket, key) is in ``keys``."""
@@ -77,11 +81,12 @@ class LakeSource:
                     {"model": model_version}).to_arrow_table()
             finally:
                 con.unregister("_hashlake_keys")
-        return self._bounded(f"the codes of {keys.num_rows} keys of {model_version} at snapshot {int(at)}", read)
+        return self._bounded(f"the codes of {keys.num_rows} keys of {model_version} at snapshot {int(at)}", read,
+                             load=False)
 
     def deletes(self, at: int) -> pa.Table:
         return self._query(f"the deletes at snapshot {int(at)}",
-                           f"SELECT {', '.join(DELETE_COLUMNS)} FROM {LAKE}.deletes AT (VERSION => {int(at)})")
+                           f"SELECT {', '.join(DELETE_COLUMNS)} FROM {LAKE}.deletes AT (VERSION => {int(at)})", load=True)
 
     def changes(self, model_version: str, start: int, end: int) -> tuple[pa.Table, pa.Table]:
         """(codes rows of ``model_version``, delete rows) inserted after snapshot ``start`` up to ``end``.
@@ -92,8 +97,9 @@ class LakeSource:
         span = f"snapshots {int(start) + 1}..{int(end)}"
         try:
             codes = self._query(f"the codes of {model_version} inserted in {span}",
-                                inserted("codes", CODE_COLUMNS, "WHERE model = $model"), {"model": model_version})
-            deletes = self._query(f"the deletes inserted in {span}", inserted("deletes", DELETE_COLUMNS))
+                                inserted("codes", CODE_COLUMNS, "WHERE model = $model"), {"model": model_version},
+                                load=False)
+            deletes = self._query(f"the deletes inserted in {span}", inserted("deletes", DELETE_COLUMNS), load=False)
         except duckdb.InvalidInputException as exc:
             if "snapshot" in str(exc).lower():
                 raise SnapshotGone(str(exc)) from None
@@ -106,14 +112,16 @@ class LakeSource:
                 self._con.close()
                 self._con = None
 
-    def _query(self, what: str, sql: str, params: dict | None = None) -> pa.Table:
-        return self._bounded(what, lambda con: con.execute(sql, params or {}).to_arrow_table())
+    def _query(self, what: str, sql: str, params: dict | None = None, *, load: bool) -> pa.Table:
+        return self._bounded(what, lambda con: con.execute(sql, params or {}).to_arrow_table(), load=load)
 
-    def _bounded(self, what: str, read: Callable[[duckdb.DuckDBPyConnection], pa.Table]) -> pa.Table:
-        """``read(connection)`` on a thread of its own, waited for ``index_read_timeout_s``; then
+    def _bounded(self, what: str, read: Callable[[duckdb.DuckDBPyConnection], pa.Table], *, load: bool) -> pa.Table:
+        """``read(connection)`` on a thread of its own, waited for its bound (``index_load_timeout_s`` for
+        a whole-version ``load``, else ``index_refresh_timeout_s``); then
         interrupted, and if it still does not return, abandoned: the stuck statement keeps that
         connection (and its thread) and this source opens a new one for the next read."""
-        bound = self.settings.index_read_timeout_s
+        setting = "index_load_timeout_s" if load else "index_refresh_timeout_s"
+        bound = getattr(self.settings, setting)
         with self._lock:
             con = self._connection()
             outcome: list = []
@@ -138,7 +146,7 @@ class LakeSource:
                               "an interrupt; its connection is abandoned", what, self.describe(), bound,
                               INTERRUPT_GRACE_S)
                 raise LakeReadStalled(f"{what} from {self.describe()} did not return within {bound:g} s "
-                                      f"(Settings.index_read_timeout_s)")
+                                      f"(Settings.{setting})")
         value = outcome[0]
         if isinstance(value, BaseException):
             raise value
