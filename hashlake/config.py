@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     query_pg_password: SecretStr = SecretStr("hashlake-query-local")
     query_s3_access_key: SecretStr | None = Field(None, description="a read-only S3 key; None: the service's")
     query_s3_secret_key: SecretStr | None = None
+    index_refresh_timeout_s: float = Field(60.0, gt=0, description="a refresh's read of the lake's changes "
+                                           "that has not returned after this long is interrupted and "
+                                           "abandoned, and the index loads afresh")
+    index_load_timeout_s: float = Field(1800.0, gt=0, description="a whole-version load of the in-memory "
+                                        "index (10M rows: ~1 min) that has not returned after this long is "
+                                        "abandoned: the refresh raises and the index keeps the snapshot it had")
     query_metrics_port: int | None = Field(None, ge=1, le=65535, description="a process that opens a query "
                                            "connection serves its query metrics (hashlake.query_metrics) on "
                                            "this port, on every interface; None: not served. Deployments use "

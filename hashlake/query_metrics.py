@@ -13,7 +13,8 @@
                                                  last refresh), seconds
     hashlake_query_index_loads_total{reason}     counter: refreshes that read a whole model version:
                                                  first (the process's first connection on it) | expired
-                                                 (the snapshot it held was expired by compaction)
+                                                 (the snapshot it held was expired by compaction) |
+                                                 stalled (its change read passed index_refresh_timeout_s)
 
 The searches run in the ``hashlake_hamming`` extension (C), which times each answer and counts it in
 fixed buckets (50 µs to 1 s; hashlake/native/src/metrics.c says what is timed); ``QueryCollector``
@@ -54,13 +55,13 @@ REFRESH_SECONDS = Histogram("hashlake_query_refresh_seconds",
                             "Wall time of an index refresh that read the lake (a first load or the change feed)",
                             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
 LOADS = Counter("hashlake_query_index_loads_total",
-                "Index refreshes that read a whole model version, by reason (first | expired)", ["reason"])
-for _reason in ("first", "expired"):
+                "Index refreshes that read a whole model version, by reason (first | expired | stalled)", ["reason"])
+for _reason in ("first", "expired", "stalled"):
     LOADS.labels(_reason)  # both series from the start, at 0: increase() sees the first of each
 
 
 def observe_refresh(seconds: float, load: str | None) -> None:
-    """Record one refresh that read the lake: ``load`` is first | expired for a whole-version read,
+    """Record one refresh that read the lake: ``load`` is first | expired | stalled for a whole-version read,
     None for the change feed (``hashlake.index.code_index``)."""
     REFRESH_SECONDS.observe(seconds)
     if load is not None:

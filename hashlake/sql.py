@@ -113,7 +113,12 @@ def refresh(con: duckdb.DuckDBPyConnection) -> Snapshot:
 
     A connection opened on the active version follows the active pointer: after a promotion
     (``hashlake model promote``) its refresh moves it to the new version's index, and ``hash_image``
-    to the new version's model."""
+    to the new version's model.
+
+    No read waits for ever: one that passes its bound (``Settings.index_refresh_timeout_s``,
+    ``index_load_timeout_s``) is abandoned; a stalled
+    change read is replaced by a fresh load, and if that stalls too ``LakeReadStalled`` is raised and the
+    connection stays on the snapshot it had."""
     state = _state(con)
     if state.follows_active:
         active = Catalog(ObjectStore(state.settings), state.settings).active()

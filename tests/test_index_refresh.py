@@ -1,9 +1,13 @@
 """CodeIndex loading from the lake and refreshing from its change feed: the current-rows rule (newest
 version per key at full precision, deletes of keys, of versions and of vanished versions, duplicates),
-incremental refresh equal to a fresh load (also across compaction), segment compaction and merging, and
-one shared index per process."""
+incremental refresh equal to a fresh load (also across compaction), segment compaction and merging,
+one shared index per process, and the bound on a lake read that does not return (a catalog table locked
+in PostgreSQL)."""
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from datetime import datetime, timezone
 from unittest import mock
 
@@ -11,9 +15,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from hashlake import query_metrics
 from hashlake.index import CodeIndex, LakeSource, knn, shared_index
 from hashlake.index import code_index
+from hashlake.index.lake_source import LakeReadStalled
 from hashlake.lake import init_lake
+from hashlake.lake.catalog_db import connect_catalog
 from hashlake.lake.maintenance import compact
 from hashlake.lake.schema import CODES_SCHEMA, DELETES_SCHEMA
 from hashlake.lake.writer import LakeWriter
@@ -194,3 +201,76 @@ def test_empty_lake_and_shared_index(settings, lake):
     index = shared_index(LakeSource(settings), "nothing-here")
     assert index is shared_index(LakeSource(settings), "nothing-here")
     assert index.refresh().rows == 0 and index.snapshot.bits is None
+
+
+class CatalogLock:
+    """An ACCESS EXCLUSIVE lock on the catalog's inlined-rows tables, held by a PostgreSQL session of
+    its own: every lake read of those rows waits on it inside PostgreSQL, a statement that does not
+    return until ``release`` (at the latest ``safety_s`` later, so that a broken bound fails the test
+    instead of hanging it)."""
+
+    def __init__(self, settings, safety_s: float = 60.0):
+        self.conn = connect_catalog(settings)
+        tables = [r[0] for r in self.conn.execute(
+            "SELECT tablename FROM pg_tables WHERE tablename LIKE 'ducklake_inlined_data_%'").fetchall()]
+        assert tables, "the test's rows are inlined in the catalog"
+        self.conn.execute("BEGIN")
+        self.conn.execute("LOCK TABLE " + ", ".join(f'"{t}"' for t in tables) + " IN ACCESS EXCLUSIVE MODE")
+        self._released = threading.Event()
+        self._safety = threading.Timer(safety_s, self.release)
+        self._safety.start()
+
+    def release(self) -> None:
+        if not self._released.is_set():
+            self._released.set()
+            self.conn.execute("ROLLBACK")
+            self.conn.close()
+            self._safety.cancel()
+
+
+def test_a_stalled_change_read_is_abandoned_and_the_refresh_loads_afresh(settings, lake):
+    settings = settings.model_copy(update={"index_refresh_timeout_s": 3.0})
+    write_codes(lake, [(f"k{i}", "e1", BASE, i) for i in range(5)])
+    index = CodeIndex(LakeSource(settings), VERSION)
+    index.refresh()
+    write_codes(lake, [("k1", "e2", BASE + 1, 11), ("k9", "e1", BASE, 9)])
+    lock = CatalogLock(settings)
+
+    class ReleaseOnFallback(logging.Handler):  # the fresh load may read once the change read is given up
+        def emit(self, record):
+            if "loading afresh" in record.getMessage():
+                threading.Timer(0.5, lock.release).start()
+    handler = ReleaseOnFallback(logging.WARNING)
+    code_index.log.addHandler(handler)
+    stalled_before = query_metrics.LOADS.labels("stalled")._value.get()
+    started = time.monotonic()
+    try:
+        snap = index.refresh()
+    finally:
+        code_index.log.removeHandler(handler)
+        lock.release()
+    elapsed = time.monotonic() - started
+    assert query_metrics.LOADS.labels("stalled")._value.get() == stalled_before + 1
+    assert 3.0 <= elapsed < 30, elapsed  # waited for the bound, not for the lock's safety release
+    assert snap.rows == 6 and visible(index) == fresh(settings)
+    assert visible(index)["k1"] == "e2"
+
+
+def test_a_refresh_whose_load_stalls_too_keeps_its_snapshot(settings, lake, caplog):
+    settings = settings.model_copy(update={"index_refresh_timeout_s": 2.0, "index_load_timeout_s": 2.0})
+    write_codes(lake, [("a", "a1", BASE, 1)])
+    index = CodeIndex(LakeSource(settings), VERSION)
+    held = index.refresh()
+    write_codes(lake, [("b", "b1", BASE, 2)])
+    lock = CatalogLock(settings)
+    started = time.monotonic()
+    try:
+        with caplog.at_level(logging.WARNING), pytest.raises(LakeReadStalled, match="did not return within 2 s"):
+            index.refresh()
+    finally:
+        lock.release()
+    assert time.monotonic() - started < 30  # two bounded reads (and their interrupts), not the lock
+    assert "changes since snapshot" in caplog.text and "postgresql://" in caplog.text  # what, and where
+    assert index.snapshot is held and visible(index) == {"a": "a1"}  # still served
+    index.refresh()  # the lock is gone: the next refresh catches up
+    assert visible(index) == {"a": "a1", "b": "b1"} == fresh(settings)

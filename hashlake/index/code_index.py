@@ -3,12 +3,14 @@
 The lake stays the source of truth; the in-memory form is built from it:
 - the first refresh reads the version's codes rows and every delete row at one lake snapshot;
 - a later refresh reads only what was committed since the snapshot it holds (the lake's change feed:
-  ``ducklake_table_changes``) and turns the new rows into one new segment;
+  ``ducklake_table_insertions``) and turns the new rows into one new segment;
 - the rule of ``hashlake.lake.rules`` (newest version per key, deletes) runs on the new rows plus the
   old visible rows sharing a key with them or with a new delete; old rows that lose are added to
   their segment's hidden list, new rows that lose never enter memory. A delete of one version of a
   versioned bucket can make an older version current again, so the keys it names are re-read;
-- when the held snapshot has been expired by compaction, the refresh loads afresh;
+- when the held snapshot has been expired by compaction, or the change read stalls past
+  ``Settings.index_refresh_timeout_s`` (``lake_source``), the refresh loads afresh; when that load stalls
+  too, the refresh raises and the index keeps serving the snapshot it had;
 - segments with many hidden rows are compacted, and past MAX_SEGMENTS the smaller segments are
   merged, so a query touches few segments whatever the refresh history.
 
@@ -27,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hashlake import query_metrics
-from hashlake.index.lake_source import LakeSource, SnapshotGone
+from hashlake.index.lake_source import LakeReadStalled, LakeSource, SnapshotGone
 from hashlake.index.snapshot import Segment, Snapshot, empty_hidden
 from hashlake.lake.rules import IDENTITY_COLUMNS, current_codes_sql
 
@@ -55,19 +57,23 @@ class CodeIndex:
             target = self.source.current_snapshot()
             if old.lake_snapshot == target:
                 return old
-            load = None  # why the whole version is read: first | expired; None: only the changes
+            load = None  # why the whole version is read: first | expired | stalled; None: only the changes
+            new = None
             if old.lake_snapshot is None:
                 load = "first"
-                codes, deletes = self.source.codes(self.model_version, target), self.source.deletes(target)
             else:
                 try:
                     codes, deletes = self.source.changes(self.model_version, old.lake_snapshot, target)
-                except SnapshotGone as exc:
-                    log.warning("index of %s: %s; loading afresh", self.model_version, exc)
-                    load = "expired"
+                    new = self._add(old, codes, deletes, target)
+                except (SnapshotGone, LakeReadStalled) as exc:
+                    load = "expired" if isinstance(exc, SnapshotGone) else "stalled"
+                    log.warning("index of %s: changes since snapshot %s: %s; loading afresh", self.model_version,
+                                old.lake_snapshot, exc)
                     old = Snapshot(model_version=self.model_version, bits=old.bits)
-                    codes, deletes = self.source.codes(self.model_version, target), self.source.deletes(target)
-            self.snapshot = _compact(self._add(old, codes, deletes, target))
+            if new is None:  # a stalled load raises LakeReadStalled: the index keeps serving what it had
+                codes, deletes = self.source.codes(self.model_version, target), self.source.deletes(target)
+                new = self._add(old, codes, deletes, target)
+            self.snapshot = _compact(new)
             query_metrics.observe_refresh(time.monotonic() - started, load)
             return self.snapshot
 
