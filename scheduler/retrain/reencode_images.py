@@ -64,13 +64,13 @@ class ImageEncoder:
 
     def __call__(self, block: pa.Table) -> pa.Table:
         from hashlake.lake.features import encode_features
-        from workers.encode.runner import _read_and_encode
+        from workers.encode.runner import read_and_encode
         from workers.encode.write import codes_table
         from workers.messages import ObjectRef
 
         refs = [ObjectRef(r["bucket"], r["key"], r["etag"], size=r["size"], mtime_ns=r["mtime_ns"],
                           version_id=r["version_id"]) for r in block.select(list(REF_COLUMNS)).to_pylist()]
-        ok, _failures, codes, features, _, _ = _read_and_encode(refs, self.store, self.settings, self.loaded,
+        ok, _failures, codes, features, _, _ = read_and_encode(refs, self.store, self.settings, self.loaded,
                                                                 self.batch_id)
         current = [i for i, item in enumerate(ok) if item.fetched.info.etag == item.fetched.ref.etag]
         fetched = [ok[i].fetched for i in current]

@@ -151,7 +151,7 @@ def encode_batch(batch: Batch, settings: Settings, model_handle: ModelHandle, *,
     todo = [r for r in refs if (r.bucket, r.key, r.etag) not in held]
 
     # 1+2) read ▶ decode ▶ prepare on the I/O threads, the forward overlapping them
-    ok, failures, codes, features, read_s, infer_s = _read_and_encode(todo, store, settings, loaded, batch_id)
+    ok, failures, codes, features, read_s, infer_s = read_and_encode(todo, store, settings, loaded, batch_id)
     current = [i for i, item in enumerate(ok) if not _superseded(item.fetched.ref, item.fetched.info.etag)]
     failures_now = [f for f in failures if not _superseded(f.ref, f.etag)]
     superseded = len(ok) - len(current) + len(failures) - len(failures_now)
@@ -178,8 +178,8 @@ def _superseded(ref: ObjectRef, etag_read: str) -> bool:
     return bool(ref.etag and etag_read and etag_read != ref.etag)
 
 
-def _read_and_encode(refs: list[ObjectRef], store: ObjectStore, settings: Settings, loaded: LoadedModel,
-                     batch_id: str) -> tuple[list[_Loaded], list[Failure], np.ndarray, np.ndarray | None, float, float]:
+def read_and_encode(refs: list[ObjectRef], store: ObjectStore, settings: Settings, loaded: LoadedModel,
+                    batch_id: str) -> tuple[list[_Loaded], list[Failure], np.ndarray, np.ndarray | None, float, float]:
     """Load every ref on the I/O pool; forward the images as they arrive, in chunks of at least
     ``MIN_FORWARD_CHUNK`` (or whatever remains): the downloads still running overlap the forward.
 
