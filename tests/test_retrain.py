@@ -171,17 +171,12 @@ def test_a_worse_candidate_is_rejected_and_the_active_version_stays(indexed, ray
     assert served(settings) == ({good.candidate}, len(IMAGES))
 
 
-def test_a_job_killed_during_reencode_leaves_the_old_version_and_a_rerun_completes(indexed, ray_address):
-    settings, untrained = indexed
-    env = {**os.environ, **cli_env(settings), "RAY_ADDRESS": ray_address,
-           "HASHLAKE_REENCODE_BLOCK_ROWS": "50", TEST_BLOCK_DELAY_ENV: "1.5"}
-    runs = RunLog(settings)
-    job = subprocess.Popen([sys.executable, "-m", "scheduler.retrain", "--run-id", "retrain-head-kill"], env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+def kill_during_reencode(job: subprocess.Popen, runs, run_id: str) -> None:
+    """SIGKILL the job's process group once its record shows a committed re-encode block."""
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            state = runs.load("retrain-head-kill")
+            state = runs.load(run_id)
             if state and state.progress.get("step") == "reencode" and state.progress.get("done", 0) > 0:
                 break
             assert job.poll() is None, "the job ended before its re-encode step"
@@ -191,6 +186,16 @@ def test_a_job_killed_during_reencode_leaves_the_old_version_and_a_rerun_complet
     finally:
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
+
+
+def test_a_job_killed_during_reencode_leaves_the_old_version_and_a_rerun_completes(indexed, ray_address):
+    settings, untrained = indexed
+    env = {**os.environ, **cli_env(settings), "RAY_ADDRESS": ray_address,
+           "HASHLAKE_REENCODE_BLOCK_ROWS": "50", TEST_BLOCK_DELAY_ENV: "1.5"}
+    runs = RunLog(settings)
+    job = subprocess.Popen([sys.executable, "-m", "scheduler.retrain", "--run-id", "retrain-head-kill"], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    kill_during_reencode(job, runs, "retrain-head-kill")
     catalog = Catalog(ObjectStore(settings), settings)
     assert catalog.active() == untrained
     assert served(settings) == ({untrained}, len(IMAGES))
@@ -266,19 +271,7 @@ def test_a_finetune_run_killed_during_reencode_leaves_the_old_version_and_a_reru
     run_id = "retrain-finetune-kill"
     job = subprocess.Popen([sys.executable, "-m", "scheduler.retrain", "--run-id", run_id, "--mode", "finetune"],
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            state = runs.load(run_id)
-            if state and state.progress.get("step") == "reencode" and state.progress.get("done", 0) > 0:
-                break
-            assert job.poll() is None, "the job ended before its re-encode step"
-            time.sleep(0.2)
-        else:
-            raise AssertionError("the job never reached its re-encode step")
-    finally:
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
+    kill_during_reencode(job, runs, run_id)
     catalog = Catalog(ObjectStore(settings), settings)
     assert catalog.active() == untrained
     assert served(settings) == ({untrained}, len(IMAGES))

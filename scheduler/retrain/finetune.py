@@ -26,10 +26,9 @@ import numpy as np
 from hashing_models.trainer import TrainConfig
 from hashlake.config import Settings
 from scheduler.retrain.data import LabelledImages
-from scheduler.retrain.train import head_config, settings_payload, storage
+from scheduler.retrain.train import FIGURES_FILE, head_config, run_trainer, settings_payload
 
 MODEL_FILE = "model.pt"
-FIGURES_FILE = "figures.json"
 
 
 def finetune_config(settings: Settings, active_card, data: LabelledImages) -> TrainConfig:
@@ -124,27 +123,9 @@ def train_finetune(settings: Settings, run_id: str, active_model, head_cfg: Trai
                    data: LabelledImages, data_text: str) -> tuple[dict, dict]:
     """Train ``cfg`` (after ``head_cfg``) on ``data`` with Ray Train → (the model's state dict, figures:
     val_map, best_epoch, history, head_val_map, images, unreadable)."""
-    import ray
-    import torch
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    path, filesystem = storage(settings, run_id)
     refs = list(zip(*(data.refs.column(name).to_pylist() for name in ("bucket", "key", "etag"))))
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config={"settings": settings_payload(settings), "head_config": asdict(head_cfg),
-                           "finetune_config": asdict(cfg), "run_id": run_id,
-                           "backbone": active_model.backbone.state_dict(), "features": data.features,
-                           "labels": data.labels, "split": data.split_indices(), "refs": refs, "data": data_text,
-                           "use_gpu": use_gpu},
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu),
-        run_config=RunConfig(name="finetune", storage_path=path, storage_filesystem=filesystem))
-    result = trainer.fit()
-    if result.error is not None:
-        raise RuntimeError(f"fine-tuning failed in the Ray Train worker: {result.error}") from result.error
-    with result.checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / MODEL_FILE, map_location="cpu", weights_only=True)
-        figures = json.loads((Path(folder) / FIGURES_FILE).read_text())
-    return state, figures
+    return run_trainer(settings, run_id, "finetune", _train_loop, MODEL_FILE,
+                       {"settings": settings_payload(settings), "head_config": asdict(head_cfg),
+                        "finetune_config": asdict(cfg), "run_id": run_id,
+                        "backbone": active_model.backbone.state_dict(), "features": data.features,
+                        "labels": data.labels, "split": data.split_indices(), "refs": refs, "data": data_text})

@@ -84,6 +84,17 @@ def _train_loop(config: dict) -> None:
 def train_head(settings: Settings, run_id: str, cfg: TrainConfig, data: LabelledImages, data_text: str
                ) -> tuple[dict, dict]:
     """Train ``cfg`` on ``data`` with Ray Train → (head state dict, figures: val_map, best_epoch, history)."""
+    return run_trainer(settings, run_id, "head", _train_loop, HEAD_FILE,
+                       {"settings": settings_payload(settings), "train_config": asdict(cfg), "run_id": run_id,
+                        "features": data.features, "labels": data.labels, "split": data.split_indices(),
+                        "data": data_text})
+
+
+def run_trainer(settings: Settings, run_id: str, name: str, loop, weights_file: str, config: dict
+                ) -> tuple[dict, dict]:
+    """``loop(config)`` on one Ray Train worker (a GPU where the cluster has one; ``config["use_gpu"]``
+    says which), its checkpoints in the run's folder (``storage``) under ``name`` → (the state dict its
+    checkpoint holds in ``weights_file``, the figures in ``FIGURES_FILE``)."""
     import ray
     import torch
     from ray.train import RunConfig, ScalingConfig
@@ -91,20 +102,16 @@ def train_head(settings: Settings, run_id: str, cfg: TrainConfig, data: Labelled
 
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     path, filesystem = storage(settings, run_id)
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config={"settings": settings_payload(settings), "train_config": asdict(cfg), "run_id": run_id,
-                           "features": data.features, "labels": data.labels, "split": data.split_indices(),
-                           "data": data_text, "use_gpu": use_gpu},
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu),
-        run_config=RunConfig(name="head", storage_path=path, storage_filesystem=filesystem))
+    trainer = TorchTrainer(loop, train_loop_config={**config, "use_gpu": use_gpu},
+                           scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu),
+                           run_config=RunConfig(name=name, storage_path=path, storage_filesystem=filesystem))
     result = trainer.fit()
     if result.error is not None:
-        raise RuntimeError(f"training failed in the Ray Train worker: {result.error}") from result.error
+        raise RuntimeError(f"{name} training failed in the Ray Train worker: {result.error}") from result.error
     with result.checkpoint.as_directory() as folder:
-        head = torch.load(Path(folder) / HEAD_FILE, map_location="cpu", weights_only=True)
+        weights = torch.load(Path(folder) / weights_file, map_location="cpu", weights_only=True)
         figures = json.loads((Path(folder) / FIGURES_FILE).read_text())
-    return head, figures
+    return weights, figures
 
 
 def head_config(settings: Settings, active_card, data: LabelledImages) -> TrainConfig:
