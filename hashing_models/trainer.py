@@ -184,17 +184,15 @@ class CachedFeatures:
 class DecodedImages:
     """Finetune mode's inputs: decoded images (kept small, as stored), resized and normalised per batch."""
 
-    def __init__(self, model: HashModel, parquet_path: Path, indices: np.ndarray, flip: bool = False):
-        self.images = {int(i): decode_jpeg(j) for i, j in zip(indices, read_jpegs(parquet_path, indices))}
+    def __init__(self, model: HashModel, images: dict, flip: bool = False):
+        self.images = dict(images)  # {index: PIL image}, decoded from a Parquet file or read from a bucket
         self.input_config = model.input_config
         self.flip = flip  # training batches only
 
     @classmethod
-    def of(cls, model: HashModel, images: dict, flip: bool = False) -> "DecodedImages":
-        """The same source over images decoded elsewhere (e.g. read from a bucket): {index: PIL image}."""
-        source = cls.__new__(cls)
-        source.images, source.input_config, source.flip = dict(images), model.input_config, flip
-        return source
+    def from_parquet(cls, model: HashModel, parquet_path: Path, indices: np.ndarray, flip: bool = False
+                     ) -> "DecodedImages":
+        return cls(model, {int(i): decode_jpeg(j) for i, j in zip(indices, read_jpegs(parquet_path, indices))}, flip)
 
     def batch(self, indices: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images (B, 3, S, S); with a generator (training), random horizontal flips drawn from it."""
@@ -284,7 +282,7 @@ def train(cfg: TrainConfig, parquet_path: str | Path, *, split: Split | None = N
     model.freeze_backbone(cfg.mode == "frozen")
     fit_and_val = np.concatenate([split.train, split.val])
     source = (CachedFeatures(model, parquet_path, fit_and_val, cache_dir, cfg.feature_dropout)
-              if cfg.mode == "frozen" else DecodedImages(model, parquet_path, fit_and_val, cfg.flip))
+              if cfg.mode == "frozen" else DecodedImages.from_parquet(model, parquet_path, fit_and_val, cfg.flip))
     data = f"{parquet_path.name} sha256:{file_sha256(parquet_path)[:16]} protocol {cfg.protocol} seed {cfg.split_seed}"
     return fit(cfg, model, source, _one_hot(labels, cfg.num_classes).numpy(), split, device=device, data=data)
 
@@ -403,7 +401,7 @@ def encode_images(model: HashModel, parquet_path: str | Path, indices: Sequence[
     for b in range(0, len(indices), ENCODE_SLICE):
         part = indices[b: b + ENCODE_SLICE]
         source = (CachedFeatures(model, Path(parquet_path), part, cache_dir) if from_cache
-                  else DecodedImages(model, Path(parquet_path), part))
+                  else DecodedImages.from_parquet(model, Path(parquet_path), part))
         codes.append(_encode_source(model, source, part, batch_size))
     return np.concatenate(codes)
 

@@ -47,7 +47,12 @@ def same_version_or_newer(held: str, new: str) -> str:
     nanoseconds, so the new order is compared at its millisecond; an upload of identical bytes after a
     delete (same etag, later order) is a new version and is encoded again."""
     return (f"{held}.bucket = {new}.bucket AND {held}.key = {new}.key AND {held}.etag IS NOT DISTINCT FROM {new}.etag "
-            f"AND ({new}.mtime_ns IS NULL OR {held}.mtime_ns >= {new}.mtime_ns - {new}.mtime_ns % 1000000)")
+            f"AND ({new}.mtime_ns IS NULL OR {ordered_at_or_after(held, new)})")
+
+
+def ordered_at_or_after(held: str, new: str) -> str:
+    """SQL condition: the row ``held`` has an order at or above ``new``'s, compared at ``new``'s millisecond."""
+    return f"{held}.mtime_ns >= {new}.mtime_ns - {new}.mtime_ns % 1000000"
 
 
 def order_floor(mtime_ns: pa.Array | pa.ChunkedArray) -> str:
@@ -98,7 +103,7 @@ class LakeWriter:
     def commit(self, codes: pa.Table | None, failures: pa.Table | None, features: pa.Table | None = None) -> None:
         """Insert a batch's codes, failures and features (tables of CODES_SCHEMA / FAILURES_SCHEMA /
         FEATURES_SCHEMA) in one transaction, skipping code and failure rows whose image version the model
-        version already holds, and feature rows whose (bucket, key, etag, backbone) is already stored
+        version already holds, and feature rows whose image version and backbone are already stored
         (by this batch's first delivery, or by another model version on the same backbone).
 
         Each check is folded into its INSERT (… WHERE NOT EXISTS): it reads the table once more inside the
@@ -106,8 +111,8 @@ class LakeWriter:
         add nothing) and costs no extra round trip; it names the batch's lowest order as a constant
         (``order_floor``) and the features' check its backbone, so it reads the files that can hold them
         only. A feature row is one per image version (an upload of the same bytes after a delete, a
-        later order, adds one; readers take one per current code). Two deliveries committing at the same instant can still
-        both insert, and the current-rows rule (and the features readers, ``features.py``) collapses such
+        later order, adds one; readers take one per current code). Two deliveries committing at the
+        same instant can still both insert, and the current-rows rule (and the features readers, ``features.py``) collapses such
         exact duplicates. Feature rows are never deleted: they are read joined to current codes."""
         parts = [(name, table.cast(schema)) for name, table, schema in
                  (("codes", codes, CODES_SCHEMA), ("failures", failures, FAILURES_SCHEMA),
@@ -129,7 +134,7 @@ class LakeWriter:
                                   AND NOT EXISTS (SELECT 1 FROM {LAKE}.features AS o
                                                   WHERE o.backbone = $backbone AND {order_floor(table["mtime_ns"])}
                                                     AND o.bucket = n.bucket AND o.key = n.key AND o.etag = n.etag
-                                                    AND o.mtime_ns >= n.mtime_ns - n.mtime_ns % 1000000)""",
+                                                    AND {ordered_at_or_after('o', 'n')})""",
                                         {"backbone": backbone})
                         continue
                     con.execute(f"""

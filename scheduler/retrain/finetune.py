@@ -109,7 +109,7 @@ def _train_loop(config: dict) -> None:
                    val=np.asarray([i for i in split.val if int(i) in decoded], np.int64))
     model = first.model
     model.freeze_backbone(False)
-    second = fit(cfg, model, DecodedImages.of(model, decoded, cfg.flip), config["labels"], kept, device=device,
+    second = fit(cfg, model, DecodedImages(model, decoded, cfg.flip), config["labels"], kept, device=device,
                  data=config["data"], on_epoch=progress(head_cfg.epochs))
     with tempfile.TemporaryDirectory() as folder:
         torch.save(second.model.state_dict(), Path(folder) / MODEL_FILE)
