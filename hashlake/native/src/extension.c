@@ -15,7 +15,7 @@
  * SQL (registered on LOAD):
  *   search(query BLOB|hex VARCHAR, k INTEGER)       table: bucket, key, etag, distance (one constant query)
  *   within(query BLOB|hex VARCHAR, radius INTEGER)  same
- *   hashlake_search_rows(query, k), hashlake_within_rows(query, radius)
+ *   search_rows(query, k), within_rows(query, radius)
  *                                                   table: the hits' rows in the columns of the codes view
  *                                                   (key, bucket, etag, size, last_modified, code, model,
  *                                                   encoded_at, labels), then distance
@@ -584,7 +584,7 @@ DUCKDB_EXTENSION_ENTRYPOINT(duckdb_connection connection, duckdb_extension_info 
 	       register_function(connection, "hashlake_within_list", within_function, slot) &&
 	       register_table_function(connection, "search", knn_table_bind, table_function, slot) &&
 	       register_table_function(connection, "within", within_table_bind, table_function, slot) &&
-	       register_table_function(connection, "hashlake_search_rows", knn_rows_bind, rows_table_function, slot) &&
-	       register_table_function(connection, "hashlake_within_rows", within_rows_bind, rows_table_function, slot) &&
+	       register_table_function(connection, "search_rows", knn_rows_bind, rows_table_function, slot) &&
+	       register_table_function(connection, "within_rows", within_rows_bind, rows_table_function, slot) &&
 	       register_slot_function(connection, slot);
 }
