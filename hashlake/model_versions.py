@@ -85,7 +85,7 @@ def publish_checkpoint(settings: Settings, path: str | Path, *, version: str | N
         raise ValueError(f"checkpoint {path}: its card ({card.arch}, {card.bits} bits, {card.input_size} px) does "
                          f"not describe its model ({checkpoint.arch}, {model.bits} bits, "
                          f"{checkpoint.config.get('img_size')} px)")
-    return _publish(settings, card, model.state_dict(), activate, store)
+    return _publish(settings, card, model.state_dict(), activate, store, named=version is not None)
 
 
 def new_version(arch: str, img_size: int) -> str:
@@ -93,9 +93,22 @@ def new_version(arch: str, img_size: int) -> str:
 
 
 def _publish(settings: Settings, card: ModelCard, state_dict: dict, activate: bool,
-             store: ObjectStore | None) -> ModelCard:
+             store: ObjectStore | None, *, named: bool = False) -> ModelCard:
+    """Publish ``card`` with its weights. An automatic id (``new_version``, to the second) that a version
+    published in the same second already took gets the first free ``-2``, ``-3``… suffix; a ``named``
+    id that exists is refused (versions are immutable)."""
     catalog = Catalog(store or ObjectStore(settings), settings)
-    catalog.publish(card, state_dict)
+    base = card.version
+    for suffix in range(2, 100):
+        try:
+            catalog.publish(card, state_dict)
+            break
+        except FileExistsError:
+            if named:
+                raise
+            card = replace(card, version=f"{base}-{suffix}")
+    else:
+        raise FileExistsError(f"model versions {base!r} to {card.version!r} all exist")
     if activate:
         catalog.activate(card.version)
     return card

@@ -95,6 +95,18 @@ def test_a_bad_checkpoint_or_a_taken_version_publishes_nothing(settings, store, 
     assert catalog.versions() == ["greedy-a"] and catalog.active() == "greedy-a"
 
 
+def test_automatic_version_ids_taken_in_the_same_second_get_a_suffix(settings, store, checkpoint):
+    # new_version is to the second: three publishes in a row mostly share one (the second call of a pair
+    # failed with FileExistsError before); whatever the clock did, every one is published, each under its
+    # own id, and the weights behind each are the checkpoint's
+    cards = [publish_checkpoint(settings, checkpoint, activate=False, store=store) for _ in range(3)]
+    versions = [card.version for card in cards]
+    assert len(set(versions)) == 3, versions
+    catalog = Catalog(store, settings)
+    assert sorted(catalog.versions()) == sorted(versions)
+    assert all(v.startswith(f"{cards[0].arch}-{cards[0].input_size}px-") for v in versions)
+
+
 def test_cli_names_the_bad_file_and_fails(settings, store, tmp_path):
     bad = tmp_path / "notes.pt"
     bad.write_text("not a checkpoint")
