@@ -40,10 +40,13 @@ log = logging.getLogger(__name__)
 # while a batch is provably in flight (read done, nothing written). Never set in production.
 TEST_INFER_DELAY_ENV = "HASHLAKE_TEST_INFER_DELAY_S"
 
-# Smallest forward started while downloads are still arriving. On CPU, EfficientNet-Lite0's
-# images/s is flat from batch ~8 up (measured at 64–128 px), so chunks of ≥ 8 cost no throughput
-# and let the rest of the batch download during the forward.
+# Smallest forward started while downloads are still arriving: chunks of ≥ 8 cost no throughput and let
+# the rest of the batch download during the forward.
 MIN_FORWARD_CHUNK = 8
+# Largest forward on a CPU. EfficientNet-Lite0 at 128 px on a 2-core machine, 2 threads: 103–129 img/s
+# in batches of 16, 82–104 at 32, 58–67 at 64, 47 at 512 (the activations outgrow the caches), so a
+# re-encode's blocks of hundreds go through in chunks of 16. A GPU takes whatever is pending.
+CPU_FORWARD_CHUNK = 16
 
 
 class ForwardFailed(RuntimeError):
@@ -181,7 +184,8 @@ def _superseded(ref: ObjectRef, etag_read: str) -> bool:
 def read_and_encode(refs: list[ObjectRef], store: ObjectStore, settings: Settings, loaded: LoadedModel,
                     batch_id: str) -> tuple[list[_Loaded], list[Failure], np.ndarray, np.ndarray | None, float, float]:
     """Load every ref on the I/O pool; forward the images as they arrive, in chunks of at least
-    ``MIN_FORWARD_CHUNK`` (or whatever remains): the downloads still running overlap the forward.
+    ``MIN_FORWARD_CHUNK`` (or whatever remains) and at most ``forward_chunk``: the downloads still
+    running overlap the forward.
 
     Returns (loaded, failures, codes (N, bits/8) in the order of loaded, the backbone's pooled features
     (N, D) float16 in the same order or None (``Settings.keep_features`` off, a multi-stage model),
@@ -199,6 +203,7 @@ def read_and_encode(refs: list[ObjectRef], store: ObjectStore, settings: Setting
     chunks: list[np.ndarray] = []
     feature_chunks: list[np.ndarray | None] = []
     read_s = infer_s = 0.0
+    largest = forward_chunk(loaded.device) or len(refs)
     for i, (ref, future) in enumerate(zip(refs, futures)):
         try:
             item = future.result()  # StoreUnavailable propagates: the whole batch is retried
@@ -218,7 +223,8 @@ def read_and_encode(refs: list[ObjectRef], store: ObjectStore, settings: Setting
         last = i == len(refs) - 1
         if last:
             read_s = time.perf_counter() - started
-        if pending and (last or (len(pending) >= MIN_FORWARD_CHUNK and not futures[i + 1].done())):
+        if pending and (last or len(pending) >= largest or
+                        (len(pending) >= MIN_FORWARD_CHUNK and not futures[i + 1].done())):
             forward_started = time.perf_counter()
             if not chunks:
                 _test_delay(batch_id)
@@ -232,6 +238,12 @@ def read_and_encode(refs: list[ObjectRef], store: ObjectStore, settings: Setting
     if feature_chunks and all(f is not None for f in feature_chunks):
         features = np.concatenate(feature_chunks)
     return ok, failures, codes, features, read_s, infer_s
+
+
+def forward_chunk(device) -> int | None:
+    """The most images one forward takes on ``device`` (a torch.device): ``CPU_FORWARD_CHUNK`` on a CPU,
+    None (no bound) on an accelerator."""
+    return CPU_FORWARD_CHUNK if device.type == "cpu" else None
 
 
 def _forward_chunk(loaded: LoadedModel, items: list[_Loaded], batch_id: str,
