@@ -233,7 +233,7 @@ def finetune_lake(settings: Settings, store, n: int, dataset: Path) -> tuple[str
 
 def bare_forward_images_per_s(settings: Settings, store, candidate: str, n: int, dataset: Path) -> float:
     """The reference: the candidate's forward (and sign/pack) over the N images decoded and prepared in
-    memory beforehand (not timed), in the re-encode's forward chunks (``runner.forward_chunk``: 16 images
+    memory beforehand (not timed), in the re-encode's forward chunks (``runner.largest_forward``: 16 images
     on a CPU), on this process's threads."""
     import torch
 
@@ -243,11 +243,11 @@ def bare_forward_images_per_s(settings: Settings, store, candidate: str, n: int,
     from hashlake.image_sources import iter_images
     from hashlake.model_versions import load_version
     from workers.encode.active_model import pack
-    from workers.encode.runner import forward_chunk
+    from workers.encode.runner import largest_forward
 
     model = load_version(Catalog(store, settings), candidate)
     images = [decode_image(im.body, settings.max_image_pixels) for im in iter_images(dataset, limit=n)]
-    block = forward_chunk(torch.device("cpu")) or settings.finetune_block_images
+    block = largest_forward(torch.device("cpu"))  # this reference runs on the CPU
     pixels = [prepare_images(images[b: b + block], model.input_config) for b in range(0, n, block)]
     started = time.perf_counter()
     with torch.inference_mode():

@@ -178,14 +178,12 @@ def _register_functions(con: duckdb.DuckDBPyConnection, state: _ConnectionState)
                  ELSE error(format('hamming: the codes have different lengths, {} bits and {} bits',
                                    octet_length(hashlake_code(a)) * 8, octet_length(hashlake_code(b)) * 8))
             END)""")
-    # search()/within() are the extension's table functions (one constant query); these list forms
+    # search()/within() and search_rows()/within_rows() are the extension's table functions (one constant
+    # query; the rows forms return `search(q, k) JOIN codes USING (bucket, key)` from the index's own copy
+    # of the columns, with no macro around them: one cost ~0.1 ms of binding per query). These list forms
     # answer a query per row, for batches:  SELECT q.id, unnest(search_list(q.code, 10), recursive := true) …
     con.execute("CREATE MACRO search_list(query, k) AS hashlake_search_list(hashlake_code(query), k)")
     con.execute("CREATE MACRO within_list(query, radius) AS hashlake_within_list(hashlake_code(query), radius)")
-    # search_rows / within_rows are the extension's table functions too, registered under these names
-    # (a table macro around them cost ~0.1 ms of binding per query): the rows of
-    # `search(q, k) JOIN codes USING (bucket, key)` from the index's own copy of the columns, in the
-    # tie-rule order.
 
 
 def _hash_image_udf(state: _ConnectionState):

@@ -185,7 +185,7 @@ def _superseded(ref: ObjectRef, etag_read: str) -> bool:
 def read_and_encode(refs: list[ObjectRef], store: ObjectStore, settings: Settings, loaded: LoadedModel,
                     batch_id: str) -> tuple[list[_Loaded], list[Failure], np.ndarray, np.ndarray | None, float, float]:
     """Load every ref on the I/O pool; forward the images as they arrive, in chunks of at least
-    ``MIN_FORWARD_CHUNK`` (or whatever remains) and at most ``forward_chunk``: the downloads still
+    ``MIN_FORWARD_CHUNK`` (or whatever remains) and at most ``largest_forward``: the downloads still
     running overlap the forward.
 
     Returns (loaded, failures, codes (N, bits/8) in the order of loaded, the backbone's pooled features
@@ -204,7 +204,7 @@ def read_and_encode(refs: list[ObjectRef], store: ObjectStore, settings: Setting
     chunks: list[np.ndarray] = []
     feature_chunks: list[np.ndarray | None] = []
     read_s = infer_s = 0.0
-    largest = forward_chunk(loaded.device) or len(refs)
+    largest = largest_forward(loaded.device) or len(refs)
     for i, (ref, future) in enumerate(zip(refs, futures)):
         try:
             item = future.result()  # StoreUnavailable propagates: the whole batch is retried
@@ -241,7 +241,7 @@ def read_and_encode(refs: list[ObjectRef], store: ObjectStore, settings: Setting
     return ok, failures, codes, features, read_s, infer_s
 
 
-def forward_chunk(device) -> int | None:
+def largest_forward(device) -> int | None:
     """The most images one forward takes on ``device`` (a torch.device): ``CPU_FORWARD_CHUNK`` on a CPU,
     None (no bound) on an accelerator."""
     return CPU_FORWARD_CHUNK if device.type == "cpu" else None
